@@ -1,0 +1,232 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with dotted ``key=value``.
+
+Unknown keys are errors (naming the dotted path), values are type-checked, and :func:`save_config`
+writes the resolved config as YAML next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthvl"  # folder of the JSONL files; video paths inside them are relative to it
+    train: str = "train.jsonl"
+    meta: str = "meta.jsonl"  # small clean balanced set for the weighting net (human captions only)
+    val: str = "val.jsonl"
+    test: str = "test.jsonl"
+    synthvl: bool = True  # root is a SynthVL dataset: generate it there when absent
+    synthvl_seed: int = 0
+    synthvl_scale: float = 1.0  # multiplies SynthVL's split sizes (the quick demo uses a smaller set)
+    num_frames: int = 8  # frames per clip fed to the model
+    frame_size: int = 32  # decoded frames are resized to frame_size x frame_size
+    caption_sources: list[str] = field(default_factory=lambda: ["human", "lvlm"])  # training caption pool
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_dual_encoder"
+    embed_dim: int = 128
+    width: int = 128
+    heads: int = 4
+    video_layers: int = 2
+    text_layers: int = 2
+    stem_channels: int = 16
+    frame_size: int = 32
+    max_frames: int = 16
+    max_text_length: int = 32
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.0  # mu, radians; 0 = InfoNCE
+    mode: str = "official"  # "official" | "positives"
+    init_logit_scale: float = math.log(100.0)  # log of the initial scale (method.md: ln 100)
+    max_logit_scale: float = math.log(200.0)
+    learn_logit_scale: bool = True
+
+
+@dataclass
+class MetaConfig:
+    enabled: bool = False
+    hidden: int = 64  # weighting-net hidden units (authors: 64)
+    optimizer: str = "adam"  # "adam" | "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    virtual_lr: float = 1.0  # alpha of the virtual SGD step
+    interval: int = 1  # meta step every k training steps
+    virtual_params: list[str] = field(default_factory=list)  # name prefixes; empty = all parameters
+    batch_size: int = 64  # meta-set batch per meta step
+    normalize: bool = True  # weights sum to 1 within a batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_frac: float = 0.05  # fraction of steps with linear warm-up
+    schedule: str = "cosine"  # "cosine" | "constant"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 64
+    out_dir: str = "runs/default"
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1" ...
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    log_every: int = 25
+    eval_every: int = 0  # validation every k steps (0: only at the end)
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    log_weights_every: int = 0  # write per-sample losses and weights every k steps (0: never)
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 256
+    chunk_size: int = 1024
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(hint, value, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        path = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+    merged = _merge(to_dict(Config()), data, str(path or "config"))
+    apply_overrides(merged, overrides or [])
+    try:
+        return from_dict(Config, merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, where)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

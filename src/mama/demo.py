@@ -1,0 +1,182 @@
+"""``mama demo``: InfoNCE vs angular margin vs full MAMA on SynthVL, same seed, steps, batch and model.
+
+Writes ``results.json``, ``weight_curve.png`` (the learned loss-to-weight map) and ``buckets.png``
+(t2v R@1 per concept-frequency bucket) into the output folder and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mama.config import Config, load_config, to_dict
+from mama.engine import TrainResult, load_data, load_trained, train
+
+METRIC_KEYS = (
+    "t2v_r1 t2v_r5 t2v_r10 t2v_mdr t2v_mnr v2t_r1 v2t_r5 v2t_r10 v2t_mdr v2t_mnr "
+    "head_t2v_r1 mid_t2v_r1 tail_t2v_r1 wall_s step_ms"
+).split()
+
+VARIANT_NAMES = ("infonce", "margin", "mama")
+
+
+def variant_overrides(variant: str, margin: float) -> list[str]:
+    """What distinguishes the three variants; everything else is shared."""
+    return {
+        "infonce": ["loss.margin=0.0", "meta.enabled=false"],
+        "margin": [f"loss.margin={margin}", "meta.enabled=false"],
+        "mama": [f"loss.margin={margin}", "meta.enabled=true"],
+    }[variant]
+# The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
+QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=120", "train.log_every=20"]
+
+
+def variant_config(
+    base_path: str | Path | None, variant: str, seed: int, out_dir: Path, overrides: list[str], quick: bool, margin: float
+) -> Config:
+    extra = (QUICK if quick else []) + overrides + variant_overrides(variant, margin)
+    extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}"]
+    return load_config(base_path, extra)
+
+
+def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in METRIC_KEYS:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[key] = statistics.fmean(values)
+            if len(values) > 1:
+                out[f"{key}_std"] = statistics.stdev(values)
+    return out
+
+
+def format_table(variants: dict[str, dict[str, Any]], chance_r1: float) -> str:
+    cols = [
+        ("t2v R@1", "t2v_r1"), ("R@5", "t2v_r5"), ("R@10", "t2v_r10"), ("MdR", "t2v_mdr"),
+        ("v2t R@1", "v2t_r1"), ("R@5", "v2t_r5"), ("R@10", "v2t_r10"), ("MdR", "v2t_mdr"),
+        ("head", "head_t2v_r1"), ("mid", "mid_t2v_r1"), ("tail", "tail_t2v_r1"),
+        ("wall s", "wall_s"), ("ms/step", "step_ms"),
+    ]  # fmt: skip
+    lines = ["variant  " + " ".join(f"{name:>8}" for name, _ in cols)]
+    for variant, metrics in variants.items():
+        cells = []
+        for _, key in cols:
+            value = metrics.get(key, math.nan)
+            std = metrics.get(f"{key}_std")
+            cells.append(f"{value:>8.1f}" if std is None else f"{value:>5.1f}±{std:<2.0f}"[:8].rjust(8))
+        lines.append(f"{variant:<8} " + " ".join(cells))
+    lines.append(f"(recalls in %, head/mid/tail = t2v R@1 per concept-frequency bucket; chance R@1 = {chance_r1:.2f}%)")
+    return "\n".join(lines)
+
+
+def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, list[float]]:
+    """Plot the learned loss -> weight map of each MAMA run; returns the curve of the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    first: dict[str, list[float]] = {}
+    for run_dir in run_dirs:
+        _, _, _, meta = load_trained(run_dir)
+        if meta is None:
+            continue
+        max_loss = _max_logged_loss(run_dir) or 10.0
+        losses = torch.linspace(0, max_loss * 1.1, 200)
+        with torch.no_grad():
+            weights = meta.wnet(losses)
+        ax.plot(losses.numpy(), weights.numpy(), label=run_dir.name)
+        first = first or {"loss": losses.tolist()[::10], "weight": weights.tolist()[::10]}
+    ax.set_xlabel("per-sample loss (v2t CE + t2v CE)")
+    ax.set_ylabel("weight (before normalisation)")
+    ax.set_title("Learned loss-to-weight map")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return first
+
+
+def _max_logged_loss(run_dir: Path) -> float | None:
+    path = run_dir / "weights.jsonl"
+    if not path.exists():
+        return None
+    losses = [v for line in path.read_text().splitlines() if line for v in json.loads(line)["loss"]]
+    return max(losses) if losses else None
+
+
+def plot_buckets(variants: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = ["head", "mid", "tail"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    width = 0.8 / len(variants)
+    for i, (variant, metrics) in enumerate(variants.items()):
+        values = [metrics.get(f"{b}_t2v_r1", math.nan) for b in buckets]
+        errors = [metrics.get(f"{b}_t2v_r1_std", 0.0) for b in buckets]
+        ax.bar([j + i * width for j in range(3)], values, width, yerr=errors, label=variant)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(3)], buckets)
+    ax.set_ylabel("t2v R@1 (%)")
+    ax.set_title("Retrieval by training frequency of the concept")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(
+    out_dir: Path = Path("runs/demo"),
+    quick: bool = False,
+    margin: float = 0.05,
+    seeds: list[int] | None = None,
+    config_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the three variants per seed, evaluate on the test split, write results and plots."""
+    seeds = seeds or [0]
+    overrides = list(overrides or []) + ([] if progress else ["train.progress=false"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = variant_config(config_path, "mama", seeds[0], out_dir, overrides, quick, margin)
+    data = load_data(first, progress=progress)  # decoded once, shared by every run
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANT_NAMES}
+    mama_dirs = []
+    for seed in seeds:
+        for variant in VARIANT_NAMES:
+            cfg = variant_config(config_path, variant, seed, out_dir, overrides, quick, margin)
+            if progress:
+                print(f"== {variant} (seed {seed}): margin={cfg.loss.margin} meta={cfg.meta.enabled}", flush=True)
+            result: TrainResult = train(cfg, data=data)
+            runs[variant].append({**result.metrics, "wall_s": result.wall_s, "step_ms": result.step_ms})
+            if variant == "mama":
+                mama_dirs.append(result.out_dir)
+    variants = {v: _summarise(r) for v, r in runs.items()}
+    test = data.splits[first.eval.split]
+    chance = 100.0 / len(test)
+    curve = plot_weight_curve(mama_dirs, out_dir / "weight_curve.png")
+    plot_buckets(variants, out_dir / "buckets.png")
+    results = {
+        "variants": variants,
+        "per_seed": runs,
+        "seeds": seeds,
+        "chance_t2v_r1": chance,
+        "weight_curve": curve,
+        "config": to_dict(first),
+        "skipped_videos": data.skipped,
+    }
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out_dir / "results.json")
+    print(format_table(variants, chance))
+    print(f"results: {out_dir / 'results.json'}; plots: {out_dir / 'weight_curve.png'}, {out_dir / 'buckets.png'}")
+    return results

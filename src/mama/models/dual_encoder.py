@@ -1,0 +1,137 @@
+"""A small dual encoder that trains from scratch on a CPU.
+
+Video is always (B, T, C, H, W), float, normalised. The video tower embeds each frame with a strided
+conv stem whose spatial map is flattened (so the object's *position* survives: motion direction is only
+visible as a change of position over frames), then a temporal transformer with a [CLS] token. The text
+tower is a word-level transformer with a [CLS] token. Both end in a linear projection and return
+L2-normalised embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mama.config import ModelConfig
+from mama.models.registry import ModelSpec, register_model
+from mama.tokenizer import WordTokenizer
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, W); key_padding_mask: (B, L) bool, True for real tokens."""
+        b, length, width = x.shape
+        qkv = self.qkv(self.norm1(x))
+        # (B, L, 3W) -> 3 x (B, heads, L, W / heads)
+        q, k, v = qkv.view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # (B, heads, L, W / heads) -> (B, L, W)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, length, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class VideoTower(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        stem_out = 4 * cfg.stem_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, cfg.stem_channels, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(cfg.stem_channels, 2 * cfg.stem_channels, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * cfg.stem_channels, stem_out, 3, stride=2, padding=1),
+            nn.GELU(),
+        )
+        grid = -(-cfg.frame_size // 8)  # three stride-2 convs with padding 1
+        self.frame_proj = nn.Linear(stem_out * grid * grid, cfg.width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_frames + 1, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.video_layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.embed_dim)
+        self.max_frames = cfg.max_frames
+
+    def forward(self, video: Tensor) -> Tensor:
+        """video: (B, T, C, H, W) -> (B, D) unnormalised."""
+        b, t = video.shape[:2]
+        if t > self.max_frames:
+            raise ValueError(f"{t} frames given, the model was built for at most {self.max_frames}")
+        # (B, T, C, H, W) -> (B*T, C, H, W)
+        feats = self.stem(video.flatten(0, 1))
+        # (B*T, C', h, w) -> (B, T, C'*h*w): flatten keeps where the object is in the frame
+        tokens = self.frame_proj(feats.flatten(1).view(b, t, -1))
+        x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : t + 1]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.width)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_text_length, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.text_layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.embed_dim)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) with [CLS] first -> (B, D) unnormalised."""
+        length = input_ids.shape[1]
+        x = self.embed(input_ids) + self.pos[:, :length]
+        for block in self.blocks:
+            x = block(x, key_padding_mask=attention_mask.bool())
+        return self.head(self.norm(x[:, 0]))
+
+
+class DualEncoder(nn.Module):
+    """From-scratch video and text towers meeting in a shared ``embed_dim`` space."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.video = VideoTower(cfg)
+        self.text = TextTower(cfg, vocab_size)
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """video: (B, T, C, H, W) float -> (B, D) L2-normalised."""
+        return F.normalize(self.video(video), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> (B, D) L2-normalised."""
+        return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+
+
+def _build_tokenizer(cfg: ModelConfig, texts: Iterable[str]) -> WordTokenizer:
+    return WordTokenizer.build(texts, max_length=cfg.max_text_length)
+
+
+def _load_tokenizer(cfg: ModelConfig, folder: Path) -> WordTokenizer:
+    return WordTokenizer.load(folder)
+
+
+def _build_model(cfg: ModelConfig, tokenizer: WordTokenizer) -> DualEncoder:
+    return DualEncoder(cfg, vocab_size=len(tokenizer))
+
+
+register_model(
+    "tiny_dual_encoder",
+    ModelSpec(_build_tokenizer, _load_tokenizer, _build_model, "conv-stem + temporal transformer / word transformer"),
+)

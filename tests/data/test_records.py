@@ -1,0 +1,101 @@
+"""Tests for mama.data.records: the common record type and its JSONL reader and writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mama.data.records import Caption, VideoRecord, read_jsonl, write_jsonl
+
+
+def _good_line(record_id: str = "a") -> dict:
+    return {"id": record_id, "video": f"videos/{record_id}.mp4", "captions": ["a red circle"]}
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    records = [
+        VideoRecord(
+            id="vid0",
+            video=tmp_path / "videos" / "vid0.mp4",
+            captions=[Caption("a red circle moves left", "human"), Caption("The video shows...", "lvlm", "vague")],
+            meta={"concept": "red circle", "bucket": "head", "attributes": {"shape": "circle"}},
+        ),
+        VideoRecord(id="vid1", video=tmp_path / "v1.mp4", captions=[Caption("ünïcode", "human")], meta={}),
+    ]
+    path = write_jsonl(tmp_path / "split.jsonl", [r.to_dict(root=tmp_path) for r in records])
+    assert read_jsonl(path) == records
+    # relative paths on disk keep the dataset folder relocatable
+    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["video"] == "videos/vid0.mp4"
+
+
+def test_defaults_plain_captions_blank_lines_and_root(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"video": "clips/x.mp4", "captions": ["plain text", {"text": "gen", "source": "lvlm"}], "k": 1}),
+        "",
+        "   ",
+        json.dumps({"id": "y", "video": "/abs/y.mp4", "captions": [{"text": "t"}]}),
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    x, y = read_jsonl(path)
+    assert x.id == "x"  # stem of the video path
+    assert x.video == tmp_path / "clips" / "x.mp4"
+    assert x.captions == [Caption("plain text", "human", "none"), Caption("gen", "lvlm", "none")]
+    assert x.meta == {"k": 1}
+    assert y.video == Path("/abs/y.mp4")  # absolute paths ignore root
+    assert y.captions == [Caption("t", "human")]
+
+    other_root = tmp_path / "elsewhere"
+    assert read_jsonl(path, root=other_root)[0].video == other_root / "clips" / "x.mp4"
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "problem"),
+    [
+        ('{"id": "b", "video": "b.mp4", "captions": ["x"]', "invalid JSON"),
+        ('["not", "an", "object"]', "JSON object"),
+        (json.dumps({"id": "b", "captions": ["x"]}), '"video"'),
+        (json.dumps({"id": "b", "video": "b.mp4", "captions": []}), '"captions"'),
+        (json.dumps({"id": "b", "video": "b.mp4"}), '"captions"'),
+        (json.dumps({"id": "b", "video": "b.mp4", "captions": [{"text": "x", "source": "robot"}]}), "source 'robot'"),
+        (json.dumps({"id": "b", "video": "b.mp4", "captions": [{"text": "x", "noise": "weird"}]}), "noise 'weird'"),
+        (json.dumps({"id": "b", "video": "b.mp4", "captions": [{"text": ""}]}), "text"),
+        (json.dumps({"id": "b", "video": "b.mp4", "captions": [42]}), "caption"),
+        (json.dumps(_good_line("a")), "duplicate id 'a' (first seen on line 1)"),
+    ],
+)
+def test_bad_line_error_names_file_line_and_problem(tmp_path: Path, bad_line: str, problem: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    # line 1 good, line 2 blank (must still count), line 3 bad
+    path.write_text(json.dumps(_good_line("a")) + "\n\n" + bad_line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path}:3:" in message
+    assert problem in message
+
+
+def test_write_jsonl_is_atomic_and_byte_stable(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    rows = [{"id": "a", "video": "a.mp4", "captions": ["x"], "z": 1, "b": 2}]
+    write_jsonl(path, rows)
+    first = path.read_bytes()
+    write_jsonl(path, rows)
+    assert path.read_bytes() == first
+    assert first == b'{"id": "a", "video": "a.mp4", "captions": ["x"], "z": 1, "b": 2}\n'  # key order kept
+
+    # a failure half-way leaves the previous file intact and no temporary file behind
+    with pytest.raises(TypeError):
+        write_jsonl(path, [{"id": "b"}, {"id": object()}])
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_caption_rejects_unknown_source_and_noise() -> None:
+    with pytest.raises(ValueError, match="source"):
+        Caption("x", "robot")
+    with pytest.raises(ValueError, match="noise"):
+        Caption("x", "human", "wrong")
