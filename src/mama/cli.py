@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mama.checkpoint import CheckpointError
 from mama.config import ConfigError
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as exc:
         print(f"mama {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ def variant_overrides(variant: str, margin: float) -> list[str]:
     return {
         "infonce": ["loss.margin=0.0", "meta.enabled=false"],
         "margin": [f"loss.margin={margin}", "meta.enabled=false"],
-        "mama": [f"loss.margin={margin}", "meta.enabled=true"],
+        "mama": [f"loss.margin={margin}", "meta.enabled=true", "train.log_weights_every=50"],
     }[variant]
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=120", "train.log_every=20"]

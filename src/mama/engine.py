@@ -212,12 +212,20 @@ class JsonlLog:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if self._step_of(line) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
         elif path.exists():
             path.unlink()
+
+    @staticmethod
+    def _step_of(line: str) -> float:
+        # A line cut short by a crash mid-write is dropped, not a reason to refuse to resume.
+        try:
+            return json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            return math.inf
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -256,6 +264,19 @@ def save_run_checkpoint(
         state["meta_optimizer"] = meta.optimizer.state_dict()
     path = save_checkpoint(out_dir / "checkpoints", step, tensors, state, keep_last=cfg.train.keep_last)
     return path
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with a config that changes what is being trained (logging may differ)."""
+    free = {("train", k) for k in ("progress", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir")}
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if (section, key) not in free and saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(changed)})")
 
 
 def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_steps: int | None = None) -> TrainResult:
@@ -298,6 +319,7 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
                 meta.optimizer.load_state_dict(ckpt.state["meta_optimizer"])
             _set_rng_state(ckpt.state["rng"])
             start_step = ckpt.step
+            _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
     log = JsonlLog(out_dir / "log.jsonl", start_step if resume else None)
     weight_log = JsonlLog(out_dir / "weights.jsonl", start_step if resume else None) if tc.log_weights_every else None
 
@@ -378,7 +400,7 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
     wall_s = time.perf_counter() - t_start
 
     metrics: dict[str, float] = {}
-    if end_step == tc.steps:
+    if end_step == tc.steps and (step_times or not (out_dir / "metrics.json").exists()):
         metrics = evaluate(task, data.splits[cfg.eval.split], cfg)
         summary = {
             "split": cfg.eval.split,

@@ -31,7 +31,9 @@ class WeightNet(nn.Module):
 
     def forward(self, loss_per_sample: Tensor) -> Tensor:
         """(N,) losses -> (N,) weights in (0, 1). Callers pass detached losses."""
-        return torch.sigmoid(self.net(loss_per_sample[:, None].float())).squeeze(1)
+        # Cast to the net's own dtype (not a fixed float32): a float64 net must accept float64 losses.
+        x = loss_per_sample[:, None].to(self.net[0].weight.dtype)
+        return torch.sigmoid(self.net(x)).squeeze(1)
 
 
 def normalize_weights(weights: Tensor, eps: float = 1e-12) -> Tensor:

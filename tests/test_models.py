@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mama.config import ModelConfig
+from mama.models import create_model, create_tokenizer, list_models, load_tokenizer
+from mama.tokenizer import WordTokenizer
+
+CAPTIONS = [
+    "a small red circle moves left on a black background",
+    "a large blue square slides up across a white screen",
+    "the green cross is big and drifts down against a gray background",
+]
+B, T, SIZE = 3, 4, 16
+
+
+def _tiny(name: str) -> ModelConfig:
+    return ModelConfig(
+        name=name, embed_dim=16, width=32, heads=2, video_layers=1, text_layers=1,
+        stem_channels=4, frame_size=SIZE, max_frames=8, max_text_length=16,
+    )  # fmt: skip
+
+
+def _build(name: str) -> tuple[torch.nn.Module, object]:
+    cfg = _tiny(name)
+    tokenizer = create_tokenizer(cfg, CAPTIONS)
+    torch.manual_seed(0)
+    return create_model(cfg, tokenizer), tokenizer
+
+
+def test_registry_is_not_empty() -> None:
+    assert "tiny_dual_encoder" in list_models()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_tiny_variant(name: str) -> None:
+    model, tokenizer = _build(name)
+    video = torch.randn(B, T, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))  # (B, T, C, H, W)
+    input_ids, attention_mask = tokenizer(CAPTIONS)
+    video_emb = model.encode_video(video)
+    text_emb = model.encode_text(input_ids, attention_mask)
+    assert video_emb.shape == text_emb.shape == (B, 16)
+    torch.testing.assert_close(video_emb.norm(dim=-1), torch.ones(B))
+    torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(B))
+
+    # Symmetric InfoNCE written out here: models only return embeddings, the loss lives elsewhere.
+    logits = 10.0 * video_emb @ text_emb.T
+    target = torch.arange(B)
+    (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} gets an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_video_tower_sees_frame_order(name: str) -> None:
+    model, _ = _build(name)
+    model.eval()
+    video = torch.randn(2, T, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        forward = model.encode_video(video)
+        reversed_ = model.encode_video(video.flip(1))  # same frames, played backwards
+    assert (forward - reversed_).abs().max() > 1e-4
+
+
+def test_too_many_frames_raises() -> None:
+    model, _ = _build("tiny_dual_encoder")
+    with pytest.raises(ValueError, match="at most 8"):
+        model.encode_video(torch.zeros(1, 9, 3, SIZE, SIZE))
+
+
+def test_unknown_model_lists_registered() -> None:
+    tokenizer = WordTokenizer.build(CAPTIONS)
+    with pytest.raises(KeyError, match="registered models: .*tiny_dual_encoder"):
+        create_model(_tiny("no_such_model"), tokenizer)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+
+def test_tokenizer_ids_and_mask() -> None:
+    tok = WordTokenizer.build(CAPTIONS, max_length=12)
+    ids, mask = tok(["a red circle", "a purple circle moves left !"])
+    assert ids.shape == mask.shape == (2, 12) and ids.dtype == torch.long and mask.dtype == torch.bool
+    assert (ids[:, 0] == tok.cls_id).all()
+    assert ids[0, :5].tolist() == [tok.cls_id, tok.index["a"], tok.index["red"], tok.index["circle"], tok.eos_id]
+    assert (ids[0, 5:] == tok.pad_id).all()
+    assert mask[0].tolist() == [True] * 5 + [False] * 7
+    # "purple" and "!" never appear in the captions the vocabulary was built from.
+    assert ids[1, 2].item() == tok.unk_id and ids[1, 6].item() == tok.unk_id
+    assert ids[1, 7].item() == tok.eos_id
+
+
+def test_tokenizer_truncates_but_keeps_eos() -> None:
+    tok = WordTokenizer.build(CAPTIONS, max_length=5)
+    ids, mask = tok([CAPTIONS[0]])
+    assert ids[0].tolist() == [tok.cls_id, tok.index["a"], tok.index["small"], tok.index["red"], tok.eos_id]
+    assert mask.all()
+
+
+def test_tokenizer_save_load_round_trip(tmp_path: Path) -> None:
+    cfg = _tiny("tiny_dual_encoder")
+    tok = create_tokenizer(cfg, CAPTIONS)
+    tok.save(tmp_path / "tok")
+    loaded = load_tokenizer(cfg, tmp_path / "tok")
+    texts = CAPTIONS + ["an unseen caption about a yellow diamond"]
+    for a, b in zip(tok(texts), loaded(texts), strict=True):
+        assert torch.equal(a, b)
+    assert loaded.vocab == tok.vocab and loaded.max_length == tok.max_length
+    with pytest.raises(FileNotFoundError):
+        WordTokenizer.load(tmp_path / "missing")
