@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         "mama (virtual step: heads only)": runner(["model.video.head", "model.text.head", "logit_scale"]),
         "mama (all params, meta every 4)": runner([], interval=4),
     }
+    repeats = max(4, args.repeats - args.repeats % 4)  # whole meta periods for the interval variant
     print(
         f"batch {args.batch_size}, meta batch {cfg.meta.batch_size}, {torch.get_num_threads()} threads; "
         f"median (mean for the interval variant) of {repeats} steps after {args.warmup} warm-up steps"
     )
-    repeats = max(4, args.repeats - args.repeats % 4)  # whole meta periods for the interval variant
     results = {}
     for name, step in variants.items():
         times = time_steps(step, args.warmup, repeats)

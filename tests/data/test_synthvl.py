@@ -43,8 +43,9 @@ def test_same_seed_gives_identical_files(dataset: Path, tmp_path: Path) -> None:
     again = generate(tmp_path / "again", SMALL, progress=False, workers=1)  # other worker count too
     for split in SPLITS:
         assert (again / f"{split}.jsonl").read_bytes() == (dataset / f"{split}.jsonl").read_bytes()
-    for record in read_jsonl(dataset / "val.jsonl")[:5]:
-        assert (again / "videos" / "val" / record.video.name).read_bytes() == record.video.read_bytes()
+    for split in SPLITS:
+        for record in read_jsonl(dataset / f"{split}.jsonl"):
+            assert (again / "videos" / split / record.video.name).read_bytes() == record.video.read_bytes()
     assert (again / "synthvl.json").read_bytes() == (dataset / "synthvl.json").read_bytes()
 
 

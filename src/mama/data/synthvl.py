@@ -95,6 +95,9 @@ CONCEPTS: tuple[tuple[str, str], ...] = tuple(product(COLOURS, SHAPES))  # (colo
 # this gives 14 / 26 px objects (7 / 13 px after downscaling to 32) and 32 px of travel.
 _OBJECT_FRACTION = {"small": 14 / 64, "large": 26 / 64}
 _TRAVEL_FRACTION = 0.5
+# x264 settings: at 64 px "fast" matches "medium" in size and error and encodes ~20% faster; crf 18
+# keeps the mean absolute error near 1.7 grey levels.
+_CRF, _PRESET = 18, "fast"
 # Unit vectors in image coordinates (x right, y down).
 _MOTION_VECTOR = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
@@ -354,7 +357,13 @@ _VAGUE_CAPTIONS = (
     "A single shape is seen moving throughout the video.",
 )
 _HALLUCINATABLE = ("colour", "shape", "motion", "size")
-_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "motion": MOTIONS, "background": tuple(BACKGROUNDS)}
+_VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": SIZES,
+    "motion": MOTIONS,
+    "background": tuple(BACKGROUNDS),
+}
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -426,7 +435,9 @@ _PARSE_WORDS: dict[str, dict[str, str]] = {
     "shape": {s: s for s in SHAPES},
     "colour": {c: c for c in COLOURS},
     "size": {"small": "small", "tiny": "small", "little": "small", "large": "large", "big": "large"},
-    "background": {"black": "black", "dark": "black", "gray": "gray", "grey": "gray", "white": "white", "light": "white"},
+    "background": {
+        "black": "black", "dark": "black", "gray": "gray", "grey": "gray", "white": "white", "light": "white",
+    },
     "motion": {
         "left": "left", "leftward": "left",
         "right": "right", "rightward": "right",
@@ -476,7 +487,9 @@ def _make_video_spec(
     }
 
 
-def _split_items(split: str, cfg: SynthConfig, table: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _split_items(
+    split: str, cfg: SynthConfig, table: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(JSONL record, render spec) pairs of one split, in id order."""
     rng = np.random.default_rng([cfg.seed, _SPLIT_SALT[split]])
     bucket_of = {row["concept"]: row["bucket"] for row in table}
@@ -561,7 +574,7 @@ def _render_and_write(task: tuple[str, dict[str, Any], int, int, int, float]) ->
     """Worker: render one clip and encode it to its path."""
     path, spec, num_frames, frame_size, fps, bg_noise = task
     clip = render_clip(spec["attributes"], spec["start"], num_frames, frame_size, bg_noise, spec["noise_seed"])
-    write_video(path, clip, fps=fps)
+    write_video(path, clip, fps=fps, crf=_CRF, preset=_PRESET, deterministic=True)
     return path
 
 
@@ -666,7 +679,9 @@ def generate(
         "name": "SynthVL",
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(cfg),
-        "splits": {split: {"jsonl": f"{split}.jsonl", "num_videos": len(items)} for split, items in split_items.items()},
+        "splits": {
+            split: {"jsonl": f"{split}.jsonl", "num_videos": len(items)} for split, items in split_items.items()
+        },
         "concepts": table,
         "vocabulary": {attr: list(values) for attr, values in _VALUES.items()},
     }
