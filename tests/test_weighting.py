@@ -114,9 +114,9 @@ def test_select_virtual_params_unmatched_prefix_raises(prefix):
 
 def test_meta_weighting_rejects_bad_config():
     with pytest.raises(ValueError):
-        MetaWeighting(MetaConfig(optimizer="lbfgs"), _Named())
+        MetaWeighting(MetaConfig(optimizer="lbfgs", virtual_params=[]), _Named())
     with pytest.raises(ValueError):
-        MetaWeighting(MetaConfig(interval=0), _Named())
+        MetaWeighting(MetaConfig(interval=0, virtual_params=[]), _Named())
     with pytest.raises(ValueError):
         MetaWeighting(MetaConfig(virtual_params=["nothing"]), _Named())
 
@@ -195,11 +195,11 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
 
 
 REFERENCE_CASES = [
-    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7), id="sgd-all"),
-    pytest.param(MetaConfig(optimizer="adam", lr=0.01, virtual_lr=0.7), id="adam-all"),
+    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
+    pytest.param(MetaConfig(optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
     # Unnormalised weights sum to ~6 here: a smaller virtual step keeps the virtual logit scale sane
     # (at 0.7 it reaches exp(-30), the meta loss flattens to 2 ln 6 and the net would not move).
-    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False), id="sgd-unnormalised"),
+    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
     pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
     pytest.param(
         MetaConfig(optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
@@ -257,7 +257,7 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
     torch.manual_seed(0)
     task = TinyTask()
     before = copy.deepcopy(task.state_dict())
-    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7), task)
+    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
     gen = torch.Generator().manual_seed(1)
     train_batch, meta_batch = _tiny_batch(8, gen), _tiny_batch(6, gen)
     meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
@@ -272,7 +272,7 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
 def test_meta_interval_updates_only_on_multiples():
     torch.manual_seed(0)
     task = TinyTask()
-    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3), task)
+    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3, virtual_params=[]), task)
     gen = torch.Generator().manual_seed(1)
     changed_on = []
     for step in range(8):
@@ -325,7 +325,7 @@ def _train_with_noisy_labels(seed: int, steps: int = 200, noisy_fraction: float 
     meta_x, meta_labels = sample(128)
 
     task = _Classifier(dim, classes)
-    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-3, virtual_lr=0.5), task)
+    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[]), task)
     initial_wnet = copy.deepcopy(meta.wnet)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     weights = {"clean": [], "corrupted": [], "init_clean": [], "init_corrupted": []}
@@ -405,7 +405,7 @@ def test_meta_step_through_attention_model():
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask}
 
     train_batch, meta_batch = batch(captions[:4]), batch(captions[2:])
-    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-2, virtual_lr=1.0), task)
+    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
     before = [p.detach().clone() for p in meta.wnet.parameters()]
 
     with meta_forward_context(True):

@@ -56,21 +56,27 @@ def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def format_table(variants: dict[str, dict[str, Any]], chance_r1: float) -> str:
+    """Fixed-width table of the demo metrics; with several seeds each cell is ``mean±std``."""
     cols = [
         ("t2v R@1", "t2v_r1"), ("R@5", "t2v_r5"), ("R@10", "t2v_r10"), ("MdR", "t2v_mdr"),
         ("v2t R@1", "v2t_r1"), ("R@5", "v2t_r5"), ("R@10", "v2t_r10"), ("MdR", "v2t_mdr"),
         ("head", "head_t2v_r1"), ("mid", "mid_t2v_r1"), ("tail", "tail_t2v_r1"),
         ("wall s", "wall_s"), ("ms/step", "step_ms"),
     ]  # fmt: skip
-    lines = ["variant  " + " ".join(f"{name:>8}" for name, _ in cols)]
-    for variant, metrics in variants.items():
-        cells = []
-        for _, key in cols:
-            value = metrics.get(key, math.nan)
-            std = metrics.get(f"{key}_std")
-            cells.append(f"{value:>8.1f}" if std is None else f"{value:>5.1f}±{std:<2.0f}"[:8].rjust(8))
-        lines.append(f"{variant:<8} " + " ".join(cells))
-    lines.append(f"(recalls in %, head/mid/tail = t2v R@1 per concept-frequency bucket; chance R@1 = {chance_r1:.2f}%)")
+    with_std = any(f"{key}_std" in m for m in variants.values() for _, key in cols)
+    width = 10 if with_std else 7
+
+    def cell(metrics: dict[str, Any], key: str) -> str:
+        value = metrics.get(key, math.nan)
+        std = metrics.get(f"{key}_std")
+        return (f"{value:.1f}" if std is None else f"{value:.1f}±{std:.1f}").rjust(width)
+
+    lines = ["variant " + " ".join(name.rjust(width) for name, _ in cols)]
+    lines += [f"{variant:<8}" + " ".join(cell(m, key) for _, key in cols) for variant, m in variants.items()]
+    lines.append(
+        f"recalls in %; head/mid/tail = t2v R@1 on test captions of concepts frequent/middle/rare in training; "
+        f"chance R@1 = {chance_r1:.2f}%"
+    )
     return "\n".join(lines)
 
 
