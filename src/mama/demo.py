@@ -55,6 +55,13 @@ def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
+def _late_mean_weights(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Average of the logged per-noise-kind mean weights over the second half of a run."""
+    late = [h["weight_by_noise"] for h in history[len(history) // 2 :] if "weight_by_noise" in h]
+    kinds = sorted({k for h in late for k in h})
+    return {k: statistics.fmean(h[k] for h in late if k in h) for k in kinds}
+
+
 def format_table(variants: dict[str, dict[str, Any]], chance_r1: float) -> str:
     """Fixed-width table of the demo metrics; with several seeds each cell is ``mean±std``."""
     cols = [
@@ -80,51 +87,66 @@ def format_table(variants: dict[str, dict[str, Any]], chance_r1: float) -> str:
     return "\n".join(lines)
 
 
-def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, list[float]]:
-    """Plot the learned loss -> weight map of each MAMA run; returns the curve of the first."""
+def _axes(title: str) -> tuple[Any, Any]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    first: dict[str, list[float]] = {}
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.set_title(title)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _logged_losses_by_noise(run_dir: Path, last: int = 10) -> dict[str, list[float]]:
+    """Per-sample training losses of the last ``last`` logged batches, grouped by caption noise kind."""
+    path = run_dir / "weights.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    groups: dict[str, list[float]] = {}
+    for record in lines[-last:]:
+        for noise, loss in zip(record["noise"], record["loss"], strict=True):
+            groups.setdefault(noise, []).append(loss)
+    return groups
+
+
+def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, Any]:
+    """Plot the learned loss -> weight map of each MAMA run, with the mean late-training loss of clean,
+    vague and hallucinated captions marked; returns the first run's curve and those means."""
+    fig, ax = _axes("Learned loss-to-weight map")
+    first: dict[str, Any] = {}
     for run_dir in run_dirs:
         _, _, _, meta = load_trained(run_dir)
         if meta is None:
             continue
-        max_loss = _max_logged_loss(run_dir) or 10.0
-        losses = torch.linspace(0, max_loss * 1.1, 200)
+        by_noise = _logged_losses_by_noise(run_dir)
+        max_loss = max((max(v) for v in by_noise.values()), default=10.0)
+        losses = torch.linspace(0, max_loss * 1.05, 200)
         with torch.no_grad():
             weights = meta.wnet(losses)
         ax.plot(losses.numpy(), weights.numpy(), label=run_dir.name)
-        first = first or {"loss": losses.tolist()[::10], "weight": weights.tolist()[::10]}
+        if not first:
+            means = {noise: statistics.fmean(values) for noise, values in sorted(by_noise.items())}
+            for (noise, mean), colour in zip(means.items(), ("tab:green", "tab:red", "tab:orange"), strict=False):
+                ax.axvline(mean, color=colour, linestyle="--", linewidth=1, label=f"mean loss: {noise} captions")
+            first = {"loss": losses.tolist()[::10], "weight": weights.tolist()[::10], "mean_loss_by_noise": means}
     ax.set_xlabel("per-sample loss (v2t CE + t2v CE)")
     ax.set_ylabel("weight (before normalisation)")
-    ax.set_title("Learned loss-to-weight map")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return first
 
 
-def _max_logged_loss(run_dir: Path) -> float | None:
-    path = run_dir / "weights.jsonl"
-    if not path.exists():
-        return None
-    losses = [v for line in path.read_text().splitlines() if line for v in json.loads(line)["loss"]]
-    return max(losses) if losses else None
-
-
 def plot_buckets(variants: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     buckets = ["head", "mid", "tail"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _axes("Retrieval by training frequency of the concept")
     width = 0.8 / len(variants)
     for i, (variant, metrics) in enumerate(variants.items()):
         values = [metrics.get(f"{b}_t2v_r1", math.nan) for b in buckets]
@@ -132,11 +154,8 @@ def plot_buckets(variants: dict[str, dict[str, Any]], path: Path) -> None:
         ax.bar([j + i * width for j in range(3)], values, width, yerr=errors, label=variant)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(3)], buckets)
     ax.set_ylabel("t2v R@1 (%)")
-    ax.set_title("Retrieval by training frequency of the concept")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def run_demo(
@@ -156,7 +175,8 @@ def run_demo(
     first = variant_config(config_path, "mama", seeds[0], out_dir, overrides, quick, margin)
     data = load_data(first, progress=progress)  # decoded once, shared by every run
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANT_NAMES}
-    mama_dirs = []
+    mama_dirs: list[Path] = []
+    weight_by_noise: list[dict[str, float]] = []
     for seed in seeds:
         for variant in VARIANT_NAMES:
             cfg = variant_config(config_path, variant, seed, out_dir, overrides, quick, margin)
@@ -166,6 +186,7 @@ def run_demo(
             runs[variant].append({**result.metrics, "wall_s": result.wall_s, "step_ms": result.step_ms})
             if variant == "mama":
                 mama_dirs.append(result.out_dir)
+                weight_by_noise.append(_late_mean_weights(result.history))
     variants = {v: _summarise(r) for v, r in runs.items()}
     test = data.splits[first.eval.split]
     chance = 100.0 / len(test)
@@ -177,6 +198,8 @@ def run_demo(
         "seeds": seeds,
         "chance_t2v_r1": chance,
         "weight_curve": curve,
+        # Mean MAMA weight per caption noise kind over the second half of training (1.0 = uniform).
+        "mama_weight_by_noise": weight_by_noise,
         "config": to_dict(first),
         "skipped_videos": data.skipped,
     }
@@ -184,5 +207,8 @@ def run_demo(
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out_dir / "results.json")
     print(format_table(variants, chance))
+    for seed, weights in zip(seeds, weight_by_noise, strict=True):
+        print(f"MAMA mean weight by caption kind (seed {seed}, 2nd half of training, 1.0 = uniform): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()))
     print(f"results: {out_dir / 'results.json'}; plots: {out_dir / 'weight_curve.png'}, {out_dir / 'buckets.png'}")
     return results
