@@ -1,6 +1,6 @@
 """Sweep the angular margin mu on SynthVL and report validation retrieval, side by side in one run.
 
-    python benchmarks/margin_sweep.py [--margins 0 0.02 0.05 0.1 0.2] [--meta] [--seed 0] [key=value ...]
+    python benchmarks/margin_sweep.py [--margins 0,0.02,0.05,0.1,0.2] [--meta] [--seed 0] [key=value ...]
 
 Every run shares the data, seed, steps, batch and model; only ``loss.margin`` changes (``--meta`` adds
 the meta-learned weighting to every run). Numbers are on the *validation* split so that choosing mu
@@ -18,14 +18,17 @@ from mama.engine import load_data, train
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--margins", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 0.02, 0.05, 0.1, 0.2],
+        help="comma-separated margins in radians",
+    )
     parser.add_argument("--meta", action="store_true", help="meta-learned weighting in every run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/margin_sweep")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    base = [f"train.seed={args.seed}", f"meta.enabled={str(args.meta).lower()}", "eval.split=val", "train.progress=false"]
+    base = [f"train.seed={args.seed}", f"meta.enabled={str(args.meta).lower()}", "eval.split=val", "train.progress=false", "train.overwrite=true"]
     first = load_config(None, base + args.overrides)
     data = load_data(first, progress=False)
     rows = []

@@ -18,7 +18,7 @@ import yaml
 from mama import engine
 from mama.checkpoint import load_checkpoint
 from mama.cli import main
-from mama.config import Config, load_config
+from mama.config import Config, ConfigError, load_config
 from mama.demo import METRIC_KEYS, VARIANT_NAMES, run_demo
 from mama.engine import encode_clipset, evaluate_checkpoint, load_data, load_trained, lr_lambda, train
 
@@ -171,6 +171,26 @@ def test_bad_videos_are_skipped_and_counted(tiny_synthvl: Path, tiny_overrides: 
     assert metrics["skipped_videos"] == {"train": 2, "val": 0, "test": 0}
 
 
+def test_fresh_run_refuses_to_replace_an_existing_run(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2"])
+    train(cfg)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing lost
+    replaced = train(load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2", "train.overwrite=true"]))
+    assert replaced.steps_run == 2
+
+
+def test_resume_refuses_a_changed_config(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_synthvl, run_dir)), max_steps=2)
+    changed = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["loss.margin=0.1"])
+    with pytest.raises(ConfigError, match=r"loss\.margin: 0\.0 -> 0\.1"):
+        train(changed, resume=True)
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 
 
@@ -238,6 +258,18 @@ def test_quick_demo(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Pat
     for name in ("weight_curve.png", "buckets.png"):
         assert _is_png(out / name), name
     assert len(saved["weight_curve"]["weight"]) == 20
+
+
+def test_demo_with_two_seeds_reports_spread(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    overrides = [o for o in tiny_overrides(tiny_synthvl, out) if not o.startswith("train.out_dir=")] + ["train.steps=2"]
+    assert main(["demo", "--out", str(out), "--seeds", "0,1", "--no-progress", *overrides]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and len(saved["per_seed"]["mama"]) == 2
+    assert "t2v_r1_std" in saved["variants"]["infonce"]
+    assert len(saved["mama_weight_by_noise"]) == 2
+    table = capsys.readouterr().out
+    assert "±" in table and "MAMA mean weight by caption kind (seed 1" in table
 
 
 # --- schedule ---------------------------------------------------------------------------------------

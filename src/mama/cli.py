@@ -53,6 +53,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mama", description="MAMA video-language representation learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")
     p.add_argument("--out", default="runs/demo", help="output folder (results.json, plots, runs)")
     p.add_argument("--margin", type=float, default=0.05, help="mu (radians) of the margin and MAMA variants")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of each variant per seed")
+    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds, one run of each variant per seed")
     p.add_argument("--config", default=None, help="base config (default: the built-in demo config)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")

@@ -97,6 +97,7 @@ class TrainConfig:
     steps: int = 1500
     batch_size: int = 64
     out_dir: str = "runs/default"
+    overwrite: bool = False  # replace a finished or partial run in out_dir (default: refuse)
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     log_every: int = 25

@@ -40,7 +40,7 @@ def variant_config(
     base_path: str | Path | None, variant: str, seed: int, out_dir: Path, overrides: list[str], quick: bool, margin: float
 ) -> Config:
     extra = (QUICK if quick else []) + overrides + variant_overrides(variant, margin)
-    extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}"]
+    extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}", "train.overwrite=true"]
     return load_config(base_path, extra)
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -268,7 +269,7 @@ def save_run_checkpoint(
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume with a config that changes what is being trained (logging may differ)."""
-    free = {("train", k) for k in ("progress", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir")}
+    free = {("train", k) for k in ("progress", "overwrite", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir")}
     changed = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
         for section, values in current.items()
@@ -289,6 +290,14 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     out_dir = Path(tc.out_dir)
+    checkpoint_dir = out_dir / "checkpoints"
+    if not resume and not tc.overwrite and any(checkpoint_dir.glob("step_*")):
+        raise ConfigError(
+            f"{out_dir} already holds a run; resume it (--resume), choose another train.out_dir, "
+            "or set train.overwrite=true to replace it"
+        )
+    if not resume and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     data = data or load_data(cfg, ("train", "meta", "val", "test") if cfg.meta.enabled else ("train", "val", "test"), progress=tc.progress)
@@ -306,11 +315,11 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
         raise ValueError("meta.enabled needs the meta split loaded")
 
     start_step = 0
-    checkpoint_dir = out_dir / "checkpoints"
     if resume:
         latest = find_latest_checkpoint(checkpoint_dir)
         if latest is not None:
             ckpt = load_checkpoint(latest)
+            _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
             task.load_state_dict(ckpt.tensors["task"])
             optimizer.load_state_dict(ckpt.state["optimizer"])
             scheduler.load_state_dict(ckpt.state["scheduler"])
@@ -319,7 +328,6 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
                 meta.optimizer.load_state_dict(ckpt.state["meta_optimizer"])
             _set_rng_state(ckpt.state["rng"])
             start_step = ckpt.step
-            _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
     log = JsonlLog(out_dir / "log.jsonl", start_step if resume else None)
     weight_log = JsonlLog(out_dir / "weights.jsonl", start_step if resume else None) if tc.log_weights_every else None
 
