@@ -161,7 +161,7 @@ def plot_buckets(variants: dict[str, dict[str, Any]], path: Path) -> None:
 def run_demo(
     out_dir: Path = Path("runs/demo"),
     quick: bool = False,
-    margin: float = 0.05,
+    margin: float = 0.01,
     seeds: list[int] | None = None,
     config_path: str | Path | None = None,
     overrides: list[str] | None = None,
