@@ -114,11 +114,11 @@ def test_select_virtual_params_unmatched_prefix_raises(prefix):
 
 def test_meta_weighting_rejects_bad_config():
     with pytest.raises(ValueError):
-        MetaWeighting(MetaConfig(optimizer="lbfgs", virtual_params=[]), _Named())
+        MetaWeighting(MetaConfig(zero_init=False, optimizer="lbfgs", virtual_params=[]), _Named())
     with pytest.raises(ValueError):
-        MetaWeighting(MetaConfig(interval=0, virtual_params=[]), _Named())
+        MetaWeighting(MetaConfig(zero_init=False, interval=0, virtual_params=[]), _Named())
     with pytest.raises(ValueError):
-        MetaWeighting(MetaConfig(virtual_params=["nothing"]), _Named())
+        MetaWeighting(MetaConfig(zero_init=False, virtual_params=["nothing"]), _Named())
 
 
 # --- the bilevel step against a hand-written reference ------------------------------------------
@@ -195,14 +195,14 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
 
 
 REFERENCE_CASES = [
-    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
-    pytest.param(MetaConfig(optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
+    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
+    pytest.param(MetaConfig(zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
     # Unnormalised weights sum to ~6 here: a smaller virtual step keeps the virtual logit scale sane
     # (at 0.7 it reaches exp(-30), the meta loss flattens to 2 ln 6 and the net would not move).
-    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
-    pytest.param(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
+    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
+    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
     pytest.param(
-        MetaConfig(optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
+        MetaConfig(zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
         id="adam-subset",
     ),
 ]
@@ -247,7 +247,7 @@ def test_virtual_subset_changes_the_meta_gradient(float64_default):
     for virtual_params in ([], ["text"]):
         torch.manual_seed(0)
         task = TinyTask()
-        meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params), task)
+        meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params), task)
         meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
         moved.append(torch.cat([p.detach().flatten() for p in meta.wnet.parameters()]))
     assert (moved[0] - moved[1]).abs().max() > 1e-6
@@ -257,7 +257,7 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
     torch.manual_seed(0)
     task = TinyTask()
     before = copy.deepcopy(task.state_dict())
-    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
     gen = torch.Generator().manual_seed(1)
     train_batch, meta_batch = _tiny_batch(8, gen), _tiny_batch(6, gen)
     meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
@@ -272,7 +272,7 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
 def test_meta_interval_updates_only_on_multiples():
     torch.manual_seed(0)
     task = TinyTask()
-    meta = MetaWeighting(MetaConfig(optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3, virtual_params=[]), task)
     gen = torch.Generator().manual_seed(1)
     changed_on = []
     for step in range(8):
@@ -303,7 +303,7 @@ class _Classifier(nn.Module):
         return {"loss_per_sample": F.cross_entropy(self.linear(batch["x"]), batch["y"], reduction="none")}
 
 
-def _train_with_noisy_labels(seed: int, steps: int = 200, noisy_fraction: float = 0.4):
+def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy_fraction: float = 0.4):
     """Linear softmax classifier on Gaussian clusters, 40% of training labels flipped, clean meta set.
 
     Returns the mean weight (x batch size, so uniform = 1) of clean and corrupted samples over the
@@ -325,7 +325,7 @@ def _train_with_noisy_labels(seed: int, steps: int = 200, noisy_fraction: float 
     meta_x, meta_labels = sample(128)
 
     task = _Classifier(dim, classes)
-    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[]), task)
     initial_wnet = copy.deepcopy(meta.wnet)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     weights = {"clean": [], "corrupted": [], "init_clean": [], "init_corrupted": []}
@@ -351,12 +351,16 @@ def _train_with_noisy_labels(seed: int, steps: int = 200, noisy_fraction: float 
     return means, torch.cat(seen_losses), initial_wnet, meta.wnet
 
 
-@pytest.mark.parametrize("seed", [1, 5])
-def test_weight_net_learns_to_down_weight_corrupted_samples(seed):
-    mean_weight, seen_losses, initial_wnet, learned_wnet = _train_with_noisy_labels(seed)
-    # Seeds 1 and 5 start from a net that gives corrupted (high-loss) samples *more* weight (1.30x and
-    # 1.24x), so the down-weighting below is learned, not inherited from the random init.
-    assert mean_weight["init_corrupted"] > mean_weight["init_clean"]
+@pytest.mark.parametrize(("seed", "zero_init"), [(1, False), (5, False), (0, True), (1, True)])
+def test_weight_net_learns_to_down_weight_corrupted_samples(seed, zero_init):
+    mean_weight, seen_losses, initial_wnet, learned_wnet = _train_with_noisy_labels(seed, zero_init)
+    if zero_init:
+        # The default init is flat: every sample starts with the same weight.
+        assert mean_weight["init_corrupted"] == pytest.approx(mean_weight["init_clean"])
+    else:
+        # Seeds 1 and 5 start from a random net that gives corrupted (high-loss) samples *more* weight
+        # (1.30x and 1.24x), so the down-weighting below is learned, not inherited from the init.
+        assert mean_weight["init_corrupted"] > mean_weight["init_clean"]
     # Observed over seeds 0..11: corrupted / clean = 0.03 .. 0.13 (clean 1.53 .. 1.63, corrupted
     # 0.05 .. 0.19), whatever the initial net did (its ratio on the same losses: 0.15 .. 1.30).
     assert mean_weight["corrupted"] / mean_weight["clean"] < 0.5
@@ -405,7 +409,7 @@ def test_meta_step_through_attention_model():
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask}
 
     train_batch, meta_batch = batch(captions[:4]), batch(captions[2:])
-    meta = MetaWeighting(MetaConfig(optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
     before = [p.detach().clone() for p in meta.wnet.parameters()]
 
     with meta_forward_context(True):

@@ -63,6 +63,7 @@ class LossConfig:
 class MetaConfig:
     enabled: bool = False
     hidden: int = 64  # weighting-net hidden units (authors: 64)
+    zero_init: bool = True  # output layer starts at zero: flat map, uniform weights (False: PyTorch init)
     optimizer: str = "adam"  # "adam" | "sgd"
     # 1e-3 (Meta-Weight-Net's value) saturated the sigmoid at 1 for every loss within ~500 SynthVL
     # steps, after which the weights are uniform and the net gets no gradient; 1e-4 stays responsive.

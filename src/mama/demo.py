@@ -134,8 +134,10 @@ def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, Any]:
         ax.plot(losses.numpy(), weights.numpy(), label=run_dir.name)
         if not first:
             means = {noise: statistics.fmean(values) for noise, values in sorted(by_noise.items())}
-            for (noise, mean), colour in zip(means.items(), ("tab:green", "tab:red", "tab:orange"), strict=False):
-                ax.axvline(mean, color=colour, linestyle="--", linewidth=1, label=f"mean loss: {noise} captions")
+            # Grey markers with distinct dashes, so they never share a colour with a run's curve.
+            for (noise, mean), dash in zip(means.items(), ("--", ":", "-."), strict=False):
+                label = "clean" if noise == "none" else noise
+                ax.axvline(mean, color="0.4", linestyle=dash, linewidth=1, label=f"mean late loss, {label} captions")
             first = {"loss": losses.tolist()[::10], "weight": weights.tolist()[::10], "mean_loss_by_noise": means}
     ax.set_xlabel("per-sample loss (v2t CE + t2v CE)")
     ax.set_ylabel("weight (before normalisation)")

@@ -25,9 +25,16 @@ from mama.config import MetaConfig
 class WeightNet(nn.Module):
     """Linear(1, h) -> ReLU -> Linear(h, 1) -> sigmoid: a weight in (0, 1) per sample loss."""
 
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64, zero_init: bool = True):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if zero_init:
+            # Start flat (every weight 0.5, i.e. uniform after normalisation) so the meta-gradient, not
+            # a random init, decides whether high losses are up- or down-weighted. With PyTorch's
+            # default init the learned map on SynthVL followed the random initial slope: it saturated
+            # increasing in 1 of 3 seeds (noisy captions up-weighted), decreasing in the others.
+            nn.init.zeros_(self.net[2].weight)
+            nn.init.zeros_(self.net[2].bias)
 
     def forward(self, loss_per_sample: Tensor) -> Tensor:
         """(N,) losses -> (N,) weights in (0, 1). Callers pass detached losses."""
@@ -81,7 +88,7 @@ class MetaWeighting:
         if cfg.interval < 1:
             raise ValueError(f"meta.interval must be >= 1, got {cfg.interval}")
         self.cfg = cfg
-        self.wnet = WeightNet(cfg.hidden)
+        self.wnet = WeightNet(cfg.hidden, zero_init=cfg.zero_init)
         if cfg.optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 self.wnet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
