@@ -246,7 +246,6 @@ def save_run_checkpoint(
     step: int,
     cfg: Config,
     task: RetrievalTask,
-    tokenizer: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     meta: MetaWeighting | None,
@@ -263,8 +262,7 @@ def save_run_checkpoint(
     if meta is not None:
         tensors["wnet"] = meta.wnet.state_dict()
         state["meta_optimizer"] = meta.optimizer.state_dict()
-    path = save_checkpoint(out_dir / "checkpoints", step, tensors, state, keep_last=cfg.train.keep_last)
-    return path
+    return save_checkpoint(out_dir / "checkpoints", step, tensors, state, keep_last=cfg.train.keep_last)
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -403,7 +401,7 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
             val = evaluate(task, data.splits["val"], cfg)
             log.write({"step": done, "split": "val", **val})
         if is_main_process() and (done == end_step or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
-            save_run_checkpoint(out_dir, done, cfg, task, data.tokenizer, optimizer, scheduler, meta)
+            save_run_checkpoint(out_dir, done, cfg, task, optimizer, scheduler, meta)
     bar.close()
     wall_s = time.perf_counter() - t_start
 
