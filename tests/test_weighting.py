@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from mama.config import LossConfig, MetaConfig, ModelConfig
 from mama.losses import LogitScale, angular_margin_nce
@@ -303,7 +304,7 @@ class _Classifier(nn.Module):
         return {"loss_per_sample": F.cross_entropy(self.linear(batch["x"]), batch["y"], reduction="none")}
 
 
-def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy_fraction: float = 0.4):
+def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy_fraction: float = 0.4, method: str = "exact"):
     """Linear softmax classifier on Gaussian clusters, 40% of training labels flipped, clean meta set.
 
     Returns the mean weight (x batch size, so uniform = 1) of clean and corrupted samples over the
@@ -325,7 +326,7 @@ def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy
     meta_x, meta_labels = sample(128)
 
     task = _Classifier(dim, classes)
-    meta = MetaWeighting(MetaConfig(zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[], method=method), task)
     initial_wnet = copy.deepcopy(meta.wnet)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     weights = {"clean": [], "corrupted": [], "init_clean": [], "init_corrupted": []}
@@ -333,8 +334,12 @@ def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,))
         meta_idx = torch.randint(0, 128, (32,))
-        losses = task({"x": x[idx], "y": noisy[idx]})["loss_per_sample"]
-        result = meta.step(task, losses, {"x": meta_x[meta_idx], "y": meta_labels[meta_idx]}, step)
+        train_batch = {"x": x[idx], "y": noisy[idx]}
+        losses = task(train_batch)["loss_per_sample"]
+        result = meta.step(
+            task, losses, {"x": meta_x[meta_idx], "y": meta_labels[meta_idx]}, step,
+            train_forward=lambda params, b=train_batch: functional_call(task, params, (b,))["loss_per_sample"],
+        )
         optimizer.zero_grad()
         (result.weights * losses).sum().backward()
         optimizer.step()
@@ -374,6 +379,46 @@ def test_weight_net_learns_to_down_weight_corrupted_samples(seed, zero_init):
     assert (learned[1:] - learned[:-1]).max() <= 1e-6
     assert learned[-1] < 0.1 * learned[0]
     assert (learned - initial).abs().max() > 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_order_meta_step_also_learns_to_down_weight_corrupted_samples(seed):
+    mean_weight, seen_losses, _, learned_wnet = _train_with_noisy_labels(seed, zero_init=True, method="first_order")
+    assert mean_weight["corrupted"] / mean_weight["clean"] < 0.5
+    grid = torch.linspace(seen_losses.min().item(), seen_losses.max().item(), 200)
+    with torch.no_grad():
+        learned = learned_wnet(grid)
+    assert learned[-1] < 0.5 * learned[0]
+
+
+def test_first_order_meta_gradient_approximates_the_exact_one(float64_default):
+    """With a small virtual step the linearisation is accurate: both methods move the weighting net
+    in nearly the same direction from the same state."""
+    torch.manual_seed(0)
+    task = _Classifier(6, 3)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    mx, my = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    deltas = {}
+    for method in ("exact", "first_order"):
+        torch.manual_seed(1)
+        meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=1.0, virtual_lr=1e-3, virtual_params=[], method=method, fd_step=1e-5), task)
+        meta.wnet.double()
+        before = torch.cat([p.detach().flatten().clone() for p in meta.wnet.parameters()])
+        losses = task({"x": x, "y": y})["loss_per_sample"]
+        meta.step(task, losses, {"x": mx, "y": my}, 0, train_forward=lambda params: functional_call(task, params, ({"x": x, "y": y},))["loss_per_sample"])
+        deltas[method] = torch.cat([p.detach().flatten() for p in meta.wnet.parameters()]) - before
+    cos = F.cosine_similarity(deltas["exact"], deltas["first_order"], dim=0).item()
+    assert deltas["exact"].norm() > 0
+    assert cos > 0.99, cos
+    assert deltas["first_order"].norm() / deltas["exact"].norm() == pytest.approx(1.0, rel=0.05)
+
+
+def test_first_order_needs_the_training_forward():
+    task = _Classifier(4, 2)
+    meta = MetaWeighting(MetaConfig(method="first_order", virtual_params=[]), task)
+    losses = task({"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])})["loss_per_sample"]
+    with pytest.raises(ValueError, match="train_forward"):
+        meta.step(task, losses, {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}, 0)
 
 
 # --- a real model with scaled_dot_product_attention ---------------------------------------------

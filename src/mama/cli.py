@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(json.dumps({"out_dir": str(result.out_dir), **result.metrics}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
+        print(json.dumps({"out_dir": str(result.out_dir), **result.metrics}, indent=2))
     return 0
 
 

@@ -46,6 +46,7 @@ class ModelConfig:
     frame_size: int = 32
     max_frames: int = 16
     max_text_length: int = 32
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -77,8 +78,13 @@ class MetaConfig:
     # projection heads + logit scale (FaMUS-style) give a well-behaved virtual step at 1.3x the cost of a
     # plain step instead of 3.6x.
     virtual_params: list[str] = field(default_factory=lambda: ["model.video.head", "model.text.head", "logit_scale"])
-    batch_size: int = 64  # meta-set batch per meta step
-    normalize: bool = True  # weights sum to 1 within a batch
+    batch_size: int = 64  # meta-set batch per meta step (global: split across ranks)
+    normalize: bool = True  # weights sum to 1 within a (global) batch
+    # "exact": second-order meta-gradient through the virtual step (Meta-Weight-Net).
+    # "first_order": no second-order graph; the meta-gradient is linearised at the current parameters
+    # (see mama.weighting.MetaWeighting.first_order_update).
+    method: str = "exact"
+    fd_step: float = 1e-2  # first_order: parameter-space length of the finite-difference probe
 
 
 @dataclass
@@ -87,6 +93,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.98
+    eps: float = 1e-8  # AdamW epsilon (open_clip uses 1e-6 for ViTs)
     warmup_frac: float = 0.05  # fraction of steps with linear warm-up
     schedule: str = "cosine"  # "cosine" | "constant"
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -96,7 +103,8 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     steps: int = 1500
-    batch_size: int = 64
+    batch_size: int = 64  # global: split over ranks, then over accum_steps micro-batches
+    accum_steps: int = 1  # micro-batches per rank and step; negatives still span the whole batch
     out_dir: str = "runs/default"
     overwrite: bool = False  # replace a finished or partial run in out_dir (default: refuse)
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1" ...

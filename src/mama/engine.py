@@ -20,6 +20,7 @@ import random
 import shutil
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mama.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mama.config import Config, ConfigError, from_dict, save_config, to_dict
 from mama.data.clips import ClipSet, load_clipset
-from mama.distributed import is_main_process
+from mama.distributed import DistContext, barrier, cleanup, gather_rows, init_distributed, shard_range
 from mama.metrics import bucket_recall, metrics_from_ranks, retrieval_ranks
 from mama.models import create_model, create_tokenizer, get_spec
-from mama.precision import autocast
-from mama.task import RetrievalTask
+from mama.precision import autocast, grad_scaler
+from mama.task import RetrievalTask, encode_for_cache
 from mama.weighting import MetaWeighting, meta_forward_context
 
 SPLITS = ("train", "meta", "val", "test")
@@ -114,13 +117,6 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
     return RunData(tokenizer, loaded)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_task(cfg: Config, tokenizer: Any) -> RetrievalTask:
     torch.manual_seed(cfg.train.seed)
     return RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss)
@@ -151,6 +147,7 @@ def build_optimizer(cfg: Config, task: nn.Module) -> tuple[torch.optim.Optimizer
         [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=opt.lr,
         betas=(opt.beta1, opt.beta2),
+        eps=opt.eps,
     )
     total = cfg.train.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -178,19 +175,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def encode_clipset(task: RetrievalTask, clips: ClipSet, num_frames: int, batch_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-    """All video embeddings (V, D) and all caption embeddings (C, D) of a clip set, in order."""
+    """All video embeddings (V, D) and all caption embeddings (C, D) of a clip set, in order.
+
+    With several processes each rank encodes a contiguous share and the shares are gathered, so every
+    item is encoded once and none is duplicated by padding.
+    """
     task.eval()
     model = task.model
     device = next(task.parameters()).device
+    video_share = shard_range(len(clips))
+    caption_share = shard_range(len(clips.caption_ids))
     videos, texts = [], []
     with autocast(device, precision):
-        for video in clips.eval_video_batches(batch_size, num_frames):
+        for video in clips.eval_video_batches(batch_size, num_frames, video_share):
             videos.append(model.encode_video(video.to(device)).float())
-        for start in range(0, len(clips.caption_ids), batch_size):
-            ids = clips.caption_ids[start : start + batch_size].to(device)
-            mask = clips.caption_mask[start : start + batch_size].to(device)
+        for start in range(caption_share.start, caption_share.stop, batch_size):
+            stop = min(start + batch_size, caption_share.stop)
+            ids = clips.caption_ids[start:stop].to(device)
+            mask = clips.caption_mask[start:stop].to(device)
             texts.append(model.encode_text(ids, mask).float())
-    return torch.cat(videos), torch.cat(texts)
+    dim = model.encode_text(clips.caption_ids[:1].to(device), clips.caption_mask[:1].to(device)).shape[1]
+    empty = torch.zeros(0, dim, device=device)
+    video_emb = torch.cat(videos) if videos else empty
+    text_emb = torch.cat(texts) if texts else empty
+    return gather_rows(video_emb), gather_rows(text_emb)
 
 
 def evaluate(task: RetrievalTask, clips: ClipSet, cfg: Config) -> dict[str, float]:
@@ -210,8 +218,11 @@ def evaluate(task: RetrievalTask, clips: ClipSet, cfg: Config) -> dict[str, floa
 class JsonlLog:
     """Append-only JSON-lines log that, on resume, drops lines from after the checkpoint's step."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # only rank 0 writes
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if self._step_of(line) <= resume_step]
             tmp = path.with_suffix(".tmp")
@@ -229,6 +240,8 @@ class JsonlLog:
             return math.inf
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -249,25 +262,37 @@ def save_run_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     meta: MetaWeighting | None,
+    scaler: torch.amp.GradScaler | None = None,
+    world: int = 1,
 ) -> Path:
+    """Everything a bitwise resume needs: weights, optimiser, scheduler, gradient scaler, weighting net
+    and its optimiser, RNG states, and the step (which is also the sampler's position)."""
     tensors = {"task": task.state_dict()}
     state: dict[str, Any] = {
         "step": step,
+        "world_size": world,
         "config": to_dict(cfg),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
         "tokenizer_dir": "tokenizer",
     }
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     if meta is not None:
         tensors["wnet"] = meta.wnet.state_dict()
         state["meta_optimizer"] = meta.optimizer.state_dict()
     return save_checkpoint(out_dir / "checkpoints", step, tensors, state, keep_last=cfg.train.keep_last)
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with a config that changes what is being trained (logging may differ)."""
-    free = {("train", k) for k in ("progress", "overwrite", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir")}
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, world: int = 1) -> None:
+    """Refuse to resume with a config that changes what is being trained (logging may differ).
+
+    The number of processes and micro-batches may change: the global batch, and so every update,
+    stays the same (up to floating-point summation order).
+    """
+    del world  # recorded in the checkpoint for the record; a different world size is allowed
+    free = {("train", k) for k in ("progress", "overwrite", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir", "accum_steps", "device")}
     changed = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
         for section, values in current.items()
@@ -278,13 +303,46 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
         raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(changed)})")
 
 
+def _split_batch(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
+    """(n, ...) tensors -> ``parts`` micro-batches of n / parts rows, in order."""
+    return [dict(zip(batch, values, strict=True)) for values in zip(*(v.chunk(parts) for v in batch.values()), strict=True)]
+
+
+def _check_batch_sizes(cfg: Config, world: int) -> None:
+    tc = cfg.train
+    if tc.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be >= 1, got {tc.accum_steps}")
+    if tc.batch_size % (world * tc.accum_steps):
+        raise ConfigError(
+            f"train.batch_size ({tc.batch_size}) must be divisible by world size x train.accum_steps "
+            f"({world} x {tc.accum_steps}): every rank and micro-batch holds the same number of rows"
+        )
+    if cfg.meta.enabled and cfg.meta.batch_size % world:
+        raise ConfigError(f"meta.batch_size ({cfg.meta.batch_size}) must be divisible by the world size ({world})")
+
+
 def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_steps: int | None = None) -> TrainResult:
     """Train ``cfg``; with ``resume`` continue from the newest valid checkpoint in ``cfg.train.out_dir``.
 
+    Launched by ``torchrun`` the same call trains with every process (see docs/distributed.md): each
+    rank takes its rows of the global batch, negatives span all ranks, and only rank 0 writes.
     ``max_steps`` stops the run early after that many steps (with a checkpoint), as a crash would;
     the schedule still follows ``cfg.train.steps``.
     """
+    ctx = init_distributed(cfg.train.device)
+    failed = True
+    try:
+        result = _train(cfg, ctx, data, resume, max_steps)
+        failed = False
+        return result
+    finally:
+        cleanup(ctx, failed)
+
+
+def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, max_steps: int | None) -> TrainResult:
     tc = cfg.train
+    world, main = ctx.world_size, ctx.rank == 0
+    _check_batch_sizes(cfg, world)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     out_dir = Path(tc.out_dir)
@@ -294,17 +352,34 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
             f"{out_dir} already holds a run; resume it (--resume), choose another train.out_dir, "
             "or set train.overwrite=true to replace it"
         )
-    if not resume and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    data = data or load_data(cfg, ("train", "meta", "val", "test") if cfg.meta.enabled else ("train", "val", "test"), progress=tc.progress)
-    data.tokenizer.save(out_dir / "tokenizer")
+    barrier()  # every rank has looked at out_dir before rank 0 changes it
+    if main:
+        if not resume and checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    splits = ("train", "meta", "val", "test") if cfg.meta.enabled else ("train", "val", "test")
+    if data is None:
+        # Rank 0 generates the dataset and fills the frame cache; the others then read the cache.
+        if main:
+            data = load_data(cfg, splits, progress=tc.progress)
+        barrier()
+        if not main:
+            data = load_data(cfg, splits, progress=False)
+    assert data is not None
+    if main:
+        data.tokenizer.save(out_dir / "tokenizer")
     train_set = data.splits["train"]
 
-    device = resolve_device(tc.device)
+    device = ctx.device
     task = build_task(cfg, data.tokenizer).to(device)
+    # The real update goes through DDP (gradient all-reduce overlapped with backward); the meta step
+    # and evaluation use the unwrapped task, as double backward through DDP is not supported.
+    step_model: nn.Module = task
+    if world > 1:
+        step_model = DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None)
     optimizer, scheduler = build_optimizer(cfg, task)
+    scaler = grad_scaler(device, tc.precision)
     meta = MetaWeighting(cfg.meta, task) if cfg.meta.enabled else None
     if meta is not None:
         meta.wnet.to(device)
@@ -317,55 +392,103 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
         latest = find_latest_checkpoint(checkpoint_dir)
         if latest is not None:
             ckpt = load_checkpoint(latest)
-            _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
+            _check_resumable(ckpt.state["config"], to_dict(cfg), latest, world)
             task.load_state_dict(ckpt.tensors["task"])
             optimizer.load_state_dict(ckpt.state["optimizer"])
             scheduler.load_state_dict(ckpt.state["scheduler"])
+            if "scaler" in ckpt.state:
+                scaler.load_state_dict(ckpt.state["scaler"])
             if meta is not None:
                 meta.wnet.load_state_dict(ckpt.tensors["wnet"])
                 meta.optimizer.load_state_dict(ckpt.state["meta_optimizer"])
             _set_rng_state(ckpt.state["rng"])
             start_step = ckpt.step
-    log = JsonlLog(out_dir / "log.jsonl", start_step if resume else None)
-    weight_log = JsonlLog(out_dir / "weights.jsonl", start_step if resume else None) if tc.log_weights_every else None
+    log = JsonlLog(out_dir / "log.jsonl", start_step if resume else None, enabled=main)
+    weight_log = JsonlLog(out_dir / "weights.jsonl", start_step if resume else None, enabled=main) if tc.log_weights_every else None
 
     end_step = tc.steps if max_steps is None else min(tc.steps, start_step + max_steps)
+    rows = shard_range(tc.batch_size, ctx.rank, world)
+    meta_rows = shard_range(cfg.meta.batch_size, ctx.rank, world)
+    accum = tc.accum_steps
     step_times: list[float] = []
     history: list[dict[str, Any]] = []
     window: list[float] = []
     t_start = time.perf_counter()
-    bar = tqdm(range(start_step, end_step), desc=Path(tc.out_dir).name, unit="step", disable=not tc.progress, initial=start_step, total=tc.steps)
+    bar = tqdm(range(start_step, end_step), desc=Path(tc.out_dir).name, unit="step", disable=not (tc.progress and main), initial=start_step, total=tc.steps)
     for step in bar:
         t0 = time.perf_counter()
         task.train()
-        batch = train_set.train_batch(step, tc.batch_size, cfg.data.num_frames, tc.seed)
-        meta_now = meta is not None and meta.is_meta_step(step)
+        batch = train_set.train_batch(step, tc.batch_size, cfg.data.num_frames, tc.seed, rows)
+        info = torch.stack([batch.pop("video_index"), batch.pop("caption_index")], dim=1)  # (n, 2)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with meta_forward_context(meta_now), autocast(device, tc.precision):
-            out = task(batch)
-            loss_per_sample = out["loss_per_sample"]
+        micro = _split_batch(batch, accum)
+        meta_now = meta is not None and meta.is_meta_step(step)
+        meta_batch = None
+        if meta_now:
+            assert meta_set is not None
+            meta_batch = meta_set.random_batch(step, cfg.meta.batch_size, cfg.data.num_frames, tc.seed, meta_rows)
+            meta_batch = {k: v.to(device) for k, v in meta_batch.items() if k not in ("video_index", "caption_index")}
+        exact_meta = meta_now and cfg.meta.method == "exact"
+
+        # 1. Per-sample losses of this rank's rows against the global batch. Without accumulation they
+        #    keep their graph and serve both the meta step and the real update (one forward). With
+        #    accumulation they come from cached, gradient-free embeddings.
+        cache, partial_losses = None, None
+        with meta_forward_context(exact_meta), autocast(device, tc.precision):
+            if accum == 1:
+                loss_per_sample = step_model(batch)["loss_per_sample"]
+            else:
+                cache = encode_for_cache(task, micro)
+                with torch.no_grad():
+                    loss_per_sample = task.loss(cache.video_emb, cache.text_emb)
+                if exact_meta:
+                    m = len(rows) // accum
+                    partial_losses = [task(mb, cache.at(slice(j * m, (j + 1) * m)))["loss_per_sample"] for j, mb in enumerate(micro)]
+
+            # 2. Sample weights: uniform, or from the weighting net after its meta update.
             if meta is not None:
-                meta_batch = None
-                if meta_now:
-                    meta_batch = meta_set.random_batch(step, cfg.meta.batch_size, cfg.data.num_frames, tc.seed)
-                    meta_batch = {k: v.to(device) for k, v in meta_batch.items()}
-                result = meta.step(task, loss_per_sample, meta_batch, step)
+                result = meta.step(
+                    task, loss_per_sample, meta_batch, step, partial_losses,
+                    train_forward=lambda params: functional_call(task, params, (batch,))["loss_per_sample"],
+                )
                 weights, meta_loss = result.weights, result.meta_loss
             else:
-                weights, meta_loss = torch.full_like(loss_per_sample, 1.0 / len(loss_per_sample)), None
-        loss = (weights.detach() * loss_per_sample).sum()
+                weights = torch.full_like(loss_per_sample, 1.0 / (len(loss_per_sample) * world))
+                meta_loss = None
+        weights = weights.detach()
+        partial_losses = None
+
+        # 3. The real update on the weighted loss. Each rank's loss is its share of the global weighted
+        #    sum; DDP averages gradients over ranks, hence the factor world.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if accum == 1:
+            # Same attention backend as the forward: gradient checkpointing recomputes in backward.
+            with meta_forward_context(exact_meta):
+                scaler.scale(world * (weights * loss_per_sample).sum()).backward()
+        else:
+            assert cache is not None
+            m = len(rows) // accum
+            for j, mb in enumerate(micro):
+                sync = nullcontext() if world == 1 or j == accum - 1 else step_model.no_sync()  # type: ignore[operator]
+                with sync, autocast(device, tc.precision):
+                    part = step_model(mb, cache.at(slice(j * m, (j + 1) * m)))["loss_per_sample"]
+                    scaler.scale(world * (weights * part).sum()).backward()
+        scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(task.parameters(), tc_clip) if (tc_clip := cfg.optim.grad_clip) > 0 else None
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         task.logit_scale.clamp_()
         step_times.append(time.perf_counter() - t0)
-        window.append(float(loss_per_sample.detach().mean()))
 
+        # Logging sees the global batch: losses, weights and indices of every rank, in rank order.
+        stats = gather_rows(torch.cat([torch.stack([loss_per_sample.detach().float(), weights.float()], 1).cpu().double(), info.double()], 1))
+        global_losses, global_weights = stats[:, 0].float(), stats[:, 1].float()
+        video_index, caption_index = stats[:, 2].long().tolist(), stats[:, 3].long().tolist()
+        window.append(float(global_losses.mean()))
         done = step + 1
-        sources = [train_set.caption_source[i] for i in batch["caption_index"].tolist()]
-        noises = [train_set.caption_noise[i] for i in batch["caption_index"].tolist()]
+        sources = [train_set.caption_source[i] for i in caption_index]
+        noises = [train_set.caption_noise[i] for i in caption_index]
         if done % tc.log_every == 0 or done == end_step:
             record = {
                 "step": done,
@@ -376,32 +499,37 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if scaler.is_enabled():
+                record["grad_scale"] = float(scaler.get_scale())
             if meta is not None:
                 record["meta_loss"] = meta_loss
-                scaled = weights * len(weights)  # 1.0 = the uniform weight
+                scaled = global_weights * len(global_weights)  # 1.0 = the uniform weight
                 record["weight_by_source"] = _per_group_mean(scaled, sources)
                 record["weight_by_noise"] = _per_group_mean(scaled, noises)
+                if meta.skipped_updates:
+                    record["meta_skipped"] = meta.skipped_updates
             window = []
             history.append(record)
-            if is_main_process():
-                log.write(record)
+            log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if weight_log is not None and done % tc.log_weights_every == 0 and is_main_process():
+        if weight_log is not None and done % tc.log_weights_every == 0:
             weight_log.write(
                 {
                     "step": done,
-                    "video_id": [train_set.records[i].id for i in batch["video_index"].tolist()],
+                    "video_id": [train_set.records[i].id for i in video_index],
                     "source": sources,
                     "noise": noises,
-                    "loss": [round(v, 5) for v in loss_per_sample.detach().tolist()],
-                    "weight": [round(v, 6) for v in weights.tolist()],
+                    "loss": [round(v, 5) for v in global_losses.tolist()],
+                    "weight": [round(v, 6) for v in global_weights.tolist()],
                 }
             )
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
             val = evaluate(task, data.splits["val"], cfg)
             log.write({"step": done, "split": "val", **val})
-        if is_main_process() and (done == end_step or (tc.checkpoint_every and done % tc.checkpoint_every == 0)):
-            save_run_checkpoint(out_dir, done, cfg, task, optimizer, scheduler, meta)
+        if done == end_step or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+            if main:
+                save_run_checkpoint(out_dir, done, cfg, task, optimizer, scheduler, meta, scaler, world)
+            barrier()
     bar.close()
     wall_s = time.perf_counter() - t_start
 
@@ -411,12 +539,13 @@ def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_st
         summary = {
             "split": cfg.eval.split,
             "steps": tc.steps,
+            "world_size": world,
             "wall_s": wall_s,
             "step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
             "skipped_videos": data.skipped,
             **metrics,
         }
-        if is_main_process():
+        if main:
             tmp = out_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(out_dir / "metrics.json")

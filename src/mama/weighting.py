@@ -9,10 +9,12 @@ assigned, so the real model is untouched until the real optimiser step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mama.config import MetaConfig
+from mama.distributed import all_reduce_sum, all_reduce_sum_, world_size
 
 
 class WeightNet(nn.Module):
@@ -44,9 +47,14 @@ class WeightNet(nn.Module):
 
 
 def normalize_weights(weights: Tensor, eps: float = 1e-12) -> Tensor:
-    """Scale (N,) non-negative weights to sum 1; an all-zero batch falls back to uniform 1/N."""
-    total = weights.sum()
-    uniform = torch.full_like(weights, 1.0 / weights.numel())
+    """Scale (N,) non-negative weights to sum 1 over the *global* batch (all ranks together).
+
+    An all-zero batch falls back to uniform 1/N. With several processes the sum is an all-reduce that
+    keeps its gradient, so the normalisation is the one a single process sees on the global batch.
+    """
+    total = all_reduce_sum(weights.sum())
+    count = weights.numel() * world_size()
+    uniform = torch.full_like(weights, 1.0 / count)
     return torch.where(total > eps, weights / total.clamp_min(eps), uniform)
 
 
@@ -99,7 +107,10 @@ class MetaWeighting:
             )
         else:
             raise ValueError(f"meta.optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+        if cfg.method not in ("exact", "first_order"):
+            raise ValueError(f"meta.method must be 'exact' or 'first_order', got {cfg.method!r}")
         self.virtual_names = select_virtual_params(task, cfg.virtual_params)
+        self.skipped_updates = 0  # weighting-net updates skipped for non-finite gradients
 
     def is_meta_step(self, step: int) -> bool:
         return step % self.cfg.interval == 0
@@ -110,45 +121,144 @@ class MetaWeighting:
             raw = self.wnet(loss_per_sample.detach())
             return normalize_weights(raw) if self.cfg.normalize else raw
 
-    def meta_update(self, task: nn.Module, loss_per_sample: Tensor, meta_batch: Mapping[str, Any]) -> float:
-        """Stages 1-2: virtual step on the training losses, meta loss, one weighting-net update.
+    def _weights_with_grad(self, loss_values: Tensor) -> Tensor:
+        raw = self.wnet(loss_values.detach())
+        return normalize_weights(raw) if self.cfg.normalize else raw
 
-        ``loss_per_sample`` must come from ``task(train_batch)`` with the graph to the task's
-        parameters intact (computed under :func:`meta_forward_context`). Because the model's
-        parameters do not change before the real update, the caller reuses these same losses for stage
-        3 instead of a third forward: the result is identical and one forward cheaper.
-        Returns the meta loss.
+    def _apply_wnet_grads(self, grads: Sequence[Tensor | None]) -> None:
+        """Sum the weighting-net gradients over ranks (each rank holds its share of the global
+        objective), then step, unless they are not finite (fp16 overflow): skip like a GradScaler."""
+        params = list(self.wnet.parameters())
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+        all_reduce_sum_(grads)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.skipped_updates += 1
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+
+    def _meta_loss(self, task: nn.Module, params: dict[str, Tensor], meta_batch: Mapping[str, Any]) -> Tensor:
+        """This rank's share of the mean meta-set loss: its rows' sum over the global meta-batch size."""
+        meta_out = functional_call(task, params, (meta_batch,), strict=False)
+        losses = meta_out["loss_per_sample"]
+        return losses.sum() / (losses.numel() * world_size())
+
+    def meta_update(
+        self,
+        task: nn.Module,
+        loss_per_sample: Tensor,
+        meta_batch: Mapping[str, Any],
+        partial_losses: Sequence[Tensor] | None = None,
+        train_forward: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    ) -> float:
+        """Stages 1-2 (method.md section 2): virtual step, meta loss, one weighting-net update.
+
+        ``task`` is the unwrapped module (never a DDP wrapper). ``loss_per_sample`` (n,) are this
+        rank's training losses. For ``method="exact"`` they must carry the graph to the task's
+        parameters (computed under :func:`meta_forward_context`); the caller then reuses them for
+        stage 3 instead of a third forward. With gradient accumulation pass detached values plus
+        ``partial_losses``: per micro-batch loss vectors, each differentiable only through its own
+        micro-batch, whose gradients sum to the full batch's. ``method="first_order"`` needs
+        ``train_forward(params) -> (n,)`` losses of the training batch under given parameters.
+        Returns the meta loss (global mean).
         """
+        if self.cfg.method == "first_order":
+            if train_forward is None:
+                raise ValueError("meta.method='first_order' needs train_forward")
+            return self.first_order_update(task, loss_per_sample, meta_batch, train_forward)
         params = dict(task.named_parameters())
         virtual = [params[name] for name in self.virtual_names]
-        raw = self.wnet(loss_per_sample.detach())
-        weights = normalize_weights(raw) if self.cfg.normalize else raw
-        weighted = (weights * loss_per_sample).sum()
+        weights = self._weights_with_grad(loss_per_sample)
         # create_graph: the virtual parameters must stay a function of the weighting net.
-        grads = torch.autograd.grad(weighted, virtual, create_graph=True, retain_graph=True)
+        grads: list[Tensor] | None = None
+        for part in partial_losses if partial_losses is not None else [loss_per_sample]:
+            # allow_unused: with accumulation a micro-batch's loss may not reach every virtual parameter
+            # (the logit scale's gradient is taken in one micro-batch only).
+            g = torch.autograd.grad(
+                (weights * part).sum(), virtual, create_graph=True, retain_graph=True, allow_unused=True
+            )
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(virtual, g, strict=True)]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+        assert grads is not None
+        # Each rank differentiated its share of the global weighted loss: the virtual step takes the
+        # sum over ranks, with gradient, so the second-order path crosses ranks too.
+        grads = self._sum_over_ranks(grads)
         virtual_params = {
             name: p - self.cfg.virtual_lr * g for name, p, g in zip(self.virtual_names, virtual, grads, strict=True)
         }
         # Parameters outside the virtual subset enter the meta forward as constants, so autograd
         # records nothing for them: restricting the subset really saves time.
         frozen = {name: p.detach() for name, p in params.items() if name not in virtual_params}
-        meta_out = functional_call(task, {**frozen, **virtual_params}, (meta_batch,), strict=False)
-        meta_loss = meta_out["loss_per_sample"].mean()
-        wnet_params = list(self.wnet.parameters())
-        wnet_grads = torch.autograd.grad(meta_loss, wnet_params, allow_unused=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(wnet_params, wnet_grads, strict=True):
-            p.grad = torch.zeros_like(p) if g is None else g
-        self.optimizer.step()
-        return float(meta_loss.detach())
+        meta_loss = self._meta_loss(task, {**frozen, **virtual_params}, meta_batch)
+        wnet_grads = torch.autograd.grad(meta_loss, list(self.wnet.parameters()), allow_unused=True)
+        self._apply_wnet_grads(wnet_grads)
+        return float(all_reduce_sum(meta_loss.detach()))
+
+    def first_order_update(
+        self,
+        task: nn.Module,
+        loss_per_sample: Tensor,
+        meta_batch: Mapping[str, Any],
+        train_forward: Callable[[dict[str, Tensor]], Tensor],
+    ) -> float:
+        """The meta-gradient linearised at the current parameters, without any second-order graph.
+
+        theta_hat = theta - alpha * sum_i w_i grad l_i is linear in the weights, so exactly
+        dM/dphi = -alpha * sum_i (dw_i/dphi) * <grad l_i(theta), grad M(theta_hat)>. We evaluate the
+        meta gradient u at theta instead of theta_hat (first order in alpha, as Learning-to-Reweight
+        does) and measure each alignment <grad l_i, u> with one forward-difference probe of the
+        training losses along u: no double backward, no graph of the virtual step. Cost: the meta
+        forward/backward plus one no-grad training forward.
+        """
+        params = dict(task.named_parameters())
+        virtual = [params[name] for name in self.virtual_names]
+        frozen = {name: p.detach() for name, p in params.items() if name not in self.virtual_names}
+        live = {name: p for name, p in zip(self.virtual_names, virtual, strict=True)}
+        meta_loss = self._meta_loss(task, {**frozen, **live}, meta_batch)
+        u = list(torch.autograd.grad(meta_loss, virtual, allow_unused=True))
+        u = [torch.zeros_like(p) if g is None else g for p, g in zip(virtual, u, strict=True)]
+        all_reduce_sum_(u)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in u)).item()
+        if norm == 0.0 or not math.isfinite(norm):
+            return float(all_reduce_sum(meta_loss.detach()))
+        eps = self.cfg.fd_step / norm
+        probe = {name: p.detach() + eps * g for name, p, g in zip(self.virtual_names, virtual, u, strict=True)}
+        with torch.no_grad():
+            shifted = train_forward({**frozen, **probe})
+        alignment = (shifted.float() - loss_per_sample.detach().float()) / eps  # (n,) ~ <grad l_i, u>
+        weights = self._weights_with_grad(loss_per_sample)
+        surrogate = -self.cfg.virtual_lr * (weights * alignment).sum()
+        self._apply_wnet_grads(torch.autograd.grad(surrogate, list(self.wnet.parameters()), allow_unused=True))
+        return float(all_reduce_sum(meta_loss.detach()))
+
+    @staticmethod
+    def _sum_over_ranks(grads: list[Tensor]) -> list[Tensor]:
+        if world_size() == 1:
+            return grads
+        # One message: flatten, sum with gradient, split back.
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        out, offset = [], 0
+        for g in grads:
+            out.append(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return out
 
     def step(
-        self, task: nn.Module, loss_per_sample: Tensor, meta_batch: Mapping[str, Any] | None, step: int
+        self,
+        task: nn.Module,
+        loss_per_sample: Tensor,
+        meta_batch: Mapping[str, Any] | None,
+        step: int,
+        partial_losses: Sequence[Tensor] | None = None,
+        train_forward: Callable[[dict[str, Tensor]], Tensor] | None = None,
     ) -> MetaStepResult:
-        """Run the meta update if ``step`` is a meta step, then return the weights for the real update."""
+        """Run the meta update if ``step`` is a meta step, then return the weights for the real update
+        (see :meth:`meta_update` for the arguments)."""
         meta_loss = None
         if meta_batch is not None and self.is_meta_step(step):
-            meta_loss = self.meta_update(task, loss_per_sample, meta_batch)
+            meta_loss = self.meta_update(task, loss_per_sample, meta_batch, partial_losses, train_forward)
         return MetaStepResult(self.weights(loss_per_sample), loss_per_sample.detach(), meta_loss)
 
     def state_dict(self) -> dict[str, Any]:

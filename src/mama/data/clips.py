@@ -103,9 +103,14 @@ class ClipSet:
             "caption_index": caption_index,
         }
 
-    def train_batch(self, step: int, batch_size: int, num_frames: int, seed: int) -> dict[str, Any]:
+    def train_batch(
+        self, step: int, batch_size: int, num_frames: int, seed: int, rows: range | None = None
+    ) -> dict[str, Any]:
         """The batch of training ``step``: epoch-wise shuffled videos (drop last), one random caption
-        from each pool, segment-random frames. A pure function of ``(seed, step)``."""
+        from each pool, segment-random frames. A pure function of ``(seed, step)``.
+
+        The shuffle is reseeded every epoch; ``rows`` selects this rank's share of the global batch
+        (a distributed sampler whose position is the step), and only those rows are assembled."""
         steps_per_epoch = len(self) // batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch size {batch_size} exceeds the {len(self)} training videos")
@@ -116,22 +121,33 @@ class ClipSet:
         pick = (torch.rand(batch_size, generator=g) * self.pool_size[video_index]).long()
         caption_index = self.pool_start[video_index] + pick
         frame_index = segment_random_indices(self.num_cached_frames, num_frames, batch_size, g)
+        if rows is not None:
+            video_index, caption_index, frame_index = video_index[rows.start : rows.stop], caption_index[rows.start : rows.stop], frame_index[rows.start : rows.stop]
         return self.batch(video_index, caption_index, frame_index)
 
-    def random_batch(self, step: int, batch_size: int, num_frames: int, seed: int) -> dict[str, Any]:
-        """A batch of ``batch_size`` distinct random videos (all of them if fewer), for meta steps."""
+    def random_batch(
+        self, step: int, batch_size: int, num_frames: int, seed: int, rows: range | None = None
+    ) -> dict[str, Any]:
+        """A batch of ``batch_size`` distinct random videos (all of them if fewer), for meta steps;
+        ``rows`` selects this rank's share."""
         g = _generator(seed, 2, step)
         video_index = torch.randperm(len(self), generator=g)[:batch_size]
         pick = (torch.rand(len(video_index), generator=g) * self.pool_size[video_index]).long()
         frame_index = segment_random_indices(self.num_cached_frames, num_frames, len(video_index), g)
-        return self.batch(video_index, self.pool_start[video_index] + pick, frame_index)
+        caption_index = self.pool_start[video_index] + pick
+        if rows is not None:
+            video_index, caption_index, frame_index = video_index[rows.start : rows.stop], caption_index[rows.start : rows.stop], frame_index[rows.start : rows.stop]
+        return self.batch(video_index, caption_index, frame_index)
 
-    def eval_video_batches(self, batch_size: int, num_frames: int) -> Any:
-        """Yield model inputs (B, T, 3, H, W) of every video in order, uniformly sampled frames."""
+    def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None) -> Any:
+        """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order,
+        uniformly sampled frames."""
         frame_index = uniform_indices(self.num_cached_frames, num_frames)
-        for start in range(0, len(self), batch_size):
+        videos = range(len(self)) if videos is None else videos
+        for start in range(videos.start, videos.stop, batch_size):
+            stop = min(start + batch_size, videos.stop)
             # (B, F, H, W, 3) -> (B, T, H, W, 3)
-            yield frames_to_model_input(self.frames[start : start + batch_size][:, frame_index])
+            yield frames_to_model_input(self.frames[start:stop][:, frame_index])
 
 
 def _file_key(path: Path) -> str:

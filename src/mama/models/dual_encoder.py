@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mama.config import ModelConfig
 from mama.models.registry import ModelSpec, register_model
@@ -48,6 +49,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, key_padding_mask: Tensor | None, recompute: bool) -> Tensor:
+    """Apply ``blocks`` in order; with ``recompute`` (gradient checkpointing) activations inside each
+    block are not stored but recomputed in backward. Non-reentrant, so double backward still works."""
+    for block in blocks:
+        if recompute and torch.is_grad_enabled():
+            x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+        else:
+            x = block(x, key_padding_mask)
+    return x
+
+
 class VideoTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,6 +80,7 @@ class VideoTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.embed_dim)
         self.max_frames = cfg.max_frames
+        self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, video: Tensor) -> Tensor:
         """video: (B, T, C, H, W) -> (B, D) unnormalised."""
@@ -79,8 +92,7 @@ class VideoTower(nn.Module):
         # (B*T, C', h, w) -> (B, T, C'*h*w): flatten keeps where the object is in the frame
         tokens = self.frame_proj(feats.flatten(1).view(b, t, -1))
         x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : t + 1]
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, None, self.grad_checkpointing and self.training)
         return self.head(self.norm(x[:, 0]))
 
 
@@ -92,13 +104,13 @@ class TextTower(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.text_layers))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.embed_dim)
+        self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) with [CLS] first -> (B, D) unnormalised."""
         length = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos[:, :length]
-        for block in self.blocks:
-            x = block(x, key_padding_mask=attention_mask.bool())
+        x = run_blocks(self.blocks, x, attention_mask.bool(), self.grad_checkpointing and self.training)
         return self.head(self.norm(x[:, 0]))
 
 
