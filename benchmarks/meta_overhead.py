@@ -1,26 +1,32 @@
 """Step-time cost of the meta-weighted (MAMA) step relative to a plain contrastive step.
 
-Same model, same batch, same process; each variant runs ``--repeats`` steps after ``--warmup`` steps,
-and the median step time is reported together with its ratio to the plain step:
+Same model, same batch, same process; the variants' steps are timed in interleaved rounds of 4 steps
+(``--repeats`` steps per variant in all, after ``--warmup`` steps), and the mean step time over whole
+meta periods is reported together with its ratio to the plain step:
 
-    python benchmarks/meta_overhead.py [--batch-size 64] [--repeats 30] [key=value model overrides]
+    python benchmarks/meta_overhead.py [--batch-size 64] [--repeats 32] [--device cpu|cuda]
+                                       [--precision fp32|bf16] [key=value model overrides]
 
-Variants: plain (InfoNCE-style step, uniform weights), MAMA with the virtual step over all parameters,
-MAMA with the virtual step restricted to the projection heads, and the all-parameter step with a meta
-update every 4 steps (amortised). Run it alone: a second busy process on 2 cores distorts timings.
+Variants cross the three ways to make the meta step cheaper (issue: scale out, point 5): the virtual
+step over all parameters or only the projection heads + logit scale (``meta.virtual_params``), a meta
+update every k steps (``meta.interval``), and the exact second-order meta-gradient or its first-order
+linearisation (``meta.method``). Run it alone: a second busy process on 2 cores distorts timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from torch.func import functional_call
 
 from mama.config import load_config
 from mama.models import create_model
+from mama.precision import autocast
 from mama.task import RetrievalTask
 from mama.tokenizer import WordTokenizer
 from mama.weighting import MetaWeighting, meta_forward_context
@@ -35,74 +41,100 @@ def make_batch(cfg, tokenizer: WordTokenizer, batch_size: int, generator: torch.
     return {"video": video, "input_ids": ids, "attention_mask": mask}
 
 
-def time_steps(step_fn: Callable[[int], None], warmup: int, repeats: int) -> list[float]:
-    """Wall times (ms) of ``repeats`` steps after ``warmup`` untimed ones (timed steps start at 1000,
-    a multiple of any meta interval used here, so they cover whole periods)."""
-    for i in range(warmup):
-        step_fn(i)
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        step_fn(1000 + i)
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
+def time_interleaved(steps: dict[str, Callable[[int], None]], warmup: int, rounds: int, period: int = 4) -> dict[str, float]:
+    """Mean step time (ms) per variant, measured in interleaved rounds so that drift of a shared,
+    noisy machine hits every variant alike: each round times ``period`` consecutive steps (a whole
+    meta period for intervals 1, 2 and 4) of every variant in turn. Returns the median over rounds
+    of each variant's per-round mean."""
+    for step in steps.values():
+        for i in range(warmup):
+            step(i)
+    per_round: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for i in range(period):
+                step(1000 + r * period + i)  # 1000: a multiple of every interval used here
+            per_round[name].append(1000 * (time.perf_counter() - t0) / period)
+    return {name: statistics.median(values) for name, values in per_round.items()}
+
+
+HEADS = ["model.video.head", "model.text.head", "logit_scale"]
+# name -> (virtual_params or None for the plain step, interval, method)
+VARIANTS: dict[str, tuple[list[str] | None, int, str]] = {
+    "plain (InfoNCE step)": (None, 1, "exact"),
+    "exact, all params, every step": ([], 1, "exact"),
+    "exact, heads, every step": (HEADS, 1, "exact"),
+    "exact, heads, every 2": (HEADS, 2, "exact"),
+    "exact, heads, every 4": (HEADS, 4, "exact"),
+    "first-order, all params, every step": ([], 1, "first_order"),
+    "first-order, heads, every step": (HEADS, 1, "first_order"),
+    "first-order, heads, every 2": (HEADS, 2, "first_order"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(None, args.overrides)
+    device = torch.device(args.device)
     tokenizer = WordTokenizer.build(WORDS, max_length=cfg.model.max_text_length)
     g = torch.Generator().manual_seed(0)
-    train_batch = make_batch(cfg, tokenizer, args.batch_size, g)
-    meta_batch = make_batch(cfg, tokenizer, cfg.meta.batch_size, g)
+    train_batch = {k: v.to(device) for k, v in make_batch(cfg, tokenizer, args.batch_size, g).items()}
+    meta_batch = {k: v.to(device) for k, v in make_batch(cfg, tokenizer, cfg.meta.batch_size, g).items()}
 
-    def runner(meta_prefixes: list[str] | None, interval: int = 1) -> Callable[[int], None]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def runner(prefixes: list[str] | None, interval: int, method: str) -> Callable[[int], None]:
         torch.manual_seed(0)
-        task = RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss)
+        task = RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss).to(device)
         optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
         meta = None
-        if meta_prefixes is not None:
-            meta_cfg = type(cfg.meta)(**{**vars(cfg.meta), "enabled": True, "virtual_params": meta_prefixes, "interval": interval})
+        if prefixes is not None:
+            meta_cfg = dataclasses.replace(cfg.meta, enabled=True, virtual_params=prefixes, interval=interval, method=method)
             meta = MetaWeighting(meta_cfg, task)
+            meta.wnet.to(device)
+
+        def train_forward(params: dict) -> torch.Tensor:
+            return functional_call(task, params, (train_batch,))["loss_per_sample"]
 
         def step(i: int) -> None:
+            # The engine's step: one shared forward for the meta step and the real update.
             meta_now = meta is not None and meta.is_meta_step(i)
-            with meta_forward_context(meta_now):
+            exact = meta_now and method == "exact"
+            with meta_forward_context(exact), autocast(device, args.precision):
                 losses = task(train_batch)["loss_per_sample"]
                 if meta is None:
                     weights = torch.full_like(losses, 1.0 / len(losses))
                 else:
-                    weights = meta.step(task, losses, meta_batch if meta_now else None, i).weights
+                    weights = meta.step(task, losses, meta_batch if meta_now else None, i, train_forward=train_forward).weights
             optimizer.zero_grad(set_to_none=True)
-            (weights * losses).sum().backward()
+            with meta_forward_context(exact):
+                (weights * losses).sum().backward()
             optimizer.step()
+            sync()
 
         return step
 
-    variants = {
-        "plain": runner(None),
-        "mama (virtual step: all params)": runner([]),
-        "mama (virtual step: heads only)": runner(["model.video.head", "model.text.head", "logit_scale"]),
-        "mama (all params, meta every 4)": runner([], interval=4),
-    }
-    repeats = max(4, args.repeats - args.repeats % 4)  # whole meta periods for the interval variant
+    rounds = max(1, args.repeats // 4)
     print(
-        f"batch {args.batch_size}, meta batch {cfg.meta.batch_size}, {torch.get_num_threads()} threads; "
-        f"median (mean for the interval variant) of {repeats} steps after {args.warmup} warm-up steps"
+        f"device {device}, precision {args.precision}, batch {args.batch_size}, meta batch {cfg.meta.batch_size}, "
+        f"width {cfg.model.width}, {torch.get_num_threads()} threads; {rounds} interleaved rounds of 4 steps per "
+        f"variant after {args.warmup} warm-up steps (median over rounds of the mean step time)"
     )
-    results = {}
-    for name, step in variants.items():
-        times = time_steps(step, args.warmup, repeats)
-        # With a meta interval the median would hide the 1-in-k expensive step: use the mean there.
-        results[name] = statistics.fmean(times) if "every" in name else statistics.median(times)
-    plain = results["plain"]
+    steps = {name: runner(prefixes, interval, method) for name, (prefixes, interval, method) in VARIANTS.items()}
+    results = time_interleaved(steps, args.warmup, rounds)
+    plain = results["plain (InfoNCE step)"]
     for name, ms in results.items():
-        print(f"{name:<36} {ms:8.1f} ms/step   x{ms / plain:.2f} of plain")
+        print(f"{name:<38} {ms:8.1f} ms/step   x{ms / plain:.2f} of plain")
 
 
 if __name__ == "__main__":

@@ -62,9 +62,10 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_synthvl: Path, t
     assert _max_diff(tmp_path / "stored", tmp_path / "recomputed") == 0.0
 
 
-def test_bf16_autocast_trains_on_cpu(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
-    fp32 = _run(tiny_synthvl, tiny_overrides, tmp_path / "fp32", *MAMA)
-    bf16 = _run(tiny_synthvl, tiny_overrides, tmp_path / "bf16", *MAMA, "train.precision=bf16")
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+def test_bf16_autocast_trains_on_cpu(method: str, tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+    fp32 = _run(tiny_synthvl, tiny_overrides, tmp_path / "fp32", *MAMA, f"meta.method={method}")
+    bf16 = _run(tiny_synthvl, tiny_overrides, tmp_path / "bf16", *MAMA, f"meta.method={method}", "train.precision=bf16")
     losses = [r["loss"] for r in bf16.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     # bf16 keeps about 3 significant digits; the angular loss itself runs in fp32.

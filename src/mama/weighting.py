@@ -210,7 +210,7 @@ class MetaWeighting:
         meta gradient u at theta instead of theta_hat (first order in alpha, as Learning-to-Reweight
         does) and measure each alignment <grad l_i, u> with one forward-difference probe of the
         training losses along u: no double backward, no graph of the virtual step. Cost: the meta
-        forward/backward plus one no-grad training forward.
+        forward/backward plus one no-grad training forward (two, in fp32, under autocast).
         """
         params = dict(task.named_parameters())
         virtual = [params[name] for name in self.virtual_names]
@@ -224,10 +224,21 @@ class MetaWeighting:
         if norm == 0.0 or not math.isfinite(norm):
             return float(all_reduce_sum(meta_loss.detach()))
         eps = self.cfg.fd_step / norm
-        probe = {name: p.detach() + eps * g for name, p, g in zip(self.virtual_names, virtual, u, strict=True)}
+
+        def losses_at(sign: float) -> Tensor:
+            probe = {name: p.detach() + sign * eps * g for name, p, g in zip(self.virtual_names, virtual, u, strict=True)}
+            return train_forward({**frozen, **probe}).double()
+
+        device_type = loss_per_sample.device.type
         with torch.no_grad():
-            shifted = train_forward({**frozen, **probe})
-        alignment = (shifted.float() - loss_per_sample.detach().float()) / eps  # (n,) ~ <grad l_i, u>
+            if torch.is_autocast_enabled(device_type):
+                # A 1e-2 probe moves the losses by ~1e-3 relative, below bf16/fp16 resolution: probe in
+                # fp32, on both sides, rather than against the low-precision training losses.
+                with torch.autocast(device_type, enabled=False):
+                    alignment = (losses_at(1.0) - losses_at(-1.0)) / (2 * eps)
+            else:
+                alignment = (losses_at(1.0) - loss_per_sample.detach().double()) / eps  # (n,) ~ <grad l_i, u>
+        alignment = alignment.to(loss_per_sample.dtype if loss_per_sample.dtype == torch.float64 else torch.float32)
         weights = self._weights_with_grad(loss_per_sample)
         surrogate = -self.cfg.virtual_lr * (weights * alignment).sum()
         self._apply_wnet_grads(torch.autograd.grad(surrogate, list(self.wnet.parameters()), allow_unused=True))
