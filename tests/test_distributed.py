@@ -128,6 +128,7 @@ def _assert_close_runs(a: Path, b: Path, atol: float) -> None:
     [
         pytest.param(["meta.enabled=false"], id="plain"),
         pytest.param(["meta.enabled=true"], id="meta"),
+        pytest.param(["meta.enabled=true", "meta.method=first_order"], id="meta-first-order"),
         pytest.param(["meta.enabled=true", "train.accum_steps=2"], id="meta+accumulation"),
     ],
 )

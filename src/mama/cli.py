@@ -43,6 +43,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mama.demo import run_demo
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "mama demo runs in one process; to train the demo's MAMA recipe on several processes use "
+            "torchrun ... -m mama.cli train --config configs/synthvl_mama.yaml (see docs/distributed.md)"
+        )
+
     run_demo(
         out_dir=Path(args.out),
         quick=args.quick,

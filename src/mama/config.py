@@ -71,7 +71,10 @@ class MetaConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     virtual_lr: float = 0.3  # alpha of the virtual SGD step
-    interval: int = 1  # meta step every k training steps
+    # Meta step every k training steps. 2, from benchmarks/synthvl_variants.py + meta_overhead.py on
+    # SynthVL (3 seeds): every 2nd step kept 105% of the every-step gain over InfoNCE in t2v R@1 (94%
+    # in tail R@1) at 1.16x a plain step (every step: 1.38x); every 4th step kept only 48%.
+    interval: int = 2
     # Name prefixes of the parameters that take the virtual step; [] = all. On the from-scratch model a
     # virtual SGD step over all parameters is dominated by the conv stem (gradient norm ~15 vs ~1.5
     # elsewhere): even alpha = 0.001 doubles the meta loss, so its meta-gradient is meaningless. The

@@ -413,6 +413,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     step_times: list[float] = []
     history: list[dict[str, Any]] = []
     window: list[float] = []
+    meta_window: list[float] = []  # meta losses of the meta steps since the last log line
     t_start = time.perf_counter()
     bar = tqdm(range(start_step, end_step), desc=Path(tc.out_dir).name, unit="step", disable=not (tc.progress and main), initial=start_step, total=tc.steps)
     for step in bar:
@@ -486,6 +487,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         global_losses, global_weights = stats[:, 0].float(), stats[:, 1].float()
         video_index, caption_index = stats[:, 2].long().tolist(), stats[:, 3].long().tolist()
         window.append(float(global_losses.mean()))
+        if meta_loss is not None:
+            meta_window.append(meta_loss)
         done = step + 1
         sources = [train_set.caption_source[i] for i in caption_index]
         noises = [train_set.caption_noise[i] for i in caption_index]
@@ -502,7 +505,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             if scaler.is_enabled():
                 record["grad_scale"] = float(scaler.get_scale())
             if meta is not None:
-                record["meta_loss"] = meta_loss
+                record["meta_loss"] = statistics.fmean(meta_window) if meta_window else None
+                meta_window = []
                 scaled = global_weights * len(global_weights)  # 1.0 = the uniform weight
                 record["weight_by_source"] = _per_group_mean(scaled, sources)
                 record["weight_by_noise"] = _per_group_mean(scaled, noises)
