@@ -5,7 +5,7 @@ and differs only in how the weighting net is meta-trained; InfoNCE is the baseli
 measured against. For each variant the table gives mean ± std over seeds, its gain over InfoNCE,
 and that gain as a share of the full meta step's gain (exact second-order step, every step):
 
-    python benchmarks/synthvl_variants.py [--seeds 0,1,2] [--jobs 2] [--variants a,b] [--out runs/variants]
+    python benchmarks/synthvl_variants.py [--seeds 0,1,2] [--jobs 2] [--variants "a;b"] [--out runs/variants]
 
 Runs go to ``--out/<variant>_seed<k>``; a finished run (its metrics.json exists) is not run again,
 so an interrupted benchmark continues where it stopped. ``--jobs 2`` trains two runs at once with
@@ -29,14 +29,16 @@ from mama.config import save_config
 from mama.demo import variant_config
 from mama.engine import load_data
 
-# name -> (demo variant, extra overrides)
+# name -> (demo variant, extra overrides). meta.lr is per training step (an update every k steps
+# uses k * meta.lr); the "update lr 1e-4" variants undo that scaling to keep each update at 1e-4.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "infonce": ("infonce", []),
-    "exact every step (full)": ("mama", []),
-    "exact every 2": ("mama", ["meta.interval=2"]),
-    "exact every 4": ("mama", ["meta.interval=4"]),
-    "first-order every step": ("mama", ["meta.method=first_order"]),
-    "first-order every 2": ("mama", ["meta.method=first_order", "meta.interval=2"]),
+    "exact every step (full)": ("mama", ["meta.interval=1"]),
+    "exact every 2 (default)": ("mama", ["meta.interval=2"]),
+    "exact every 2, update lr 1e-4": ("mama", ["meta.interval=2", "meta.lr=5e-5"]),
+    "exact every 4, update lr 1e-4": ("mama", ["meta.interval=4", "meta.lr=2.5e-5"]),
+    "first-order every step": ("mama", ["meta.interval=1", "meta.method=first_order"]),
+    "first-order every 2, update lr 1e-4": ("mama", ["meta.method=first_order", "meta.interval=2", "meta.lr=5e-5"]),
 }
 FULL = "exact every step (full)"
 
@@ -78,12 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated names from VARIANTS")
     parser.add_argument("--margin", type=float, default=0.01, help="the demo's margin")
     parser.add_argument("--out", default="runs/variants")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [n.strip() for n in args.variants.split(";") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")

@@ -50,7 +50,7 @@ def build_case() -> tuple[RetrievalTask, MetaConfig, dict[str, torch.Tensor], di
         ids, mask = tokenizer([" ".join(WORDS[i] for i in row) for row in picks.tolist()])
         return {"video": torch.randn(n, 3, 3, 16, 16, generator=g, dtype=torch.float64), "input_ids": ids, "attention_mask": mask}
 
-    meta_cfg = MetaConfig(enabled=True, hidden=8, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.5, virtual_params=[])
+    meta_cfg = MetaConfig(interval=1, enabled=True, hidden=8, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.5, virtual_params=[])
     return task, meta_cfg, batch(GLOBAL_BATCH), batch(6)
 
 

@@ -196,14 +196,14 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
 
 
 REFERENCE_CASES = [
-    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
-    pytest.param(MetaConfig(zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
+    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
+    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
     # Unnormalised weights sum to ~6 here: a smaller virtual step keeps the virtual logit scale sane
     # (at 0.7 it reaches exp(-30), the meta loss flattens to 2 ln 6 and the net would not move).
-    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
-    pytest.param(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
+    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
+    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
     pytest.param(
-        MetaConfig(zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
+        MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
         id="adam-subset",
     ),
 ]
@@ -248,7 +248,7 @@ def test_virtual_subset_changes_the_meta_gradient(float64_default):
     for virtual_params in ([], ["text"]):
         torch.manual_seed(0)
         task = TinyTask()
-        meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params), task)
+        meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params), task)
         meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
         moved.append(torch.cat([p.detach().flatten() for p in meta.wnet.parameters()]))
     assert (moved[0] - moved[1]).abs().max() > 1e-6
@@ -258,7 +258,7 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
     torch.manual_seed(0)
     task = TinyTask()
     before = copy.deepcopy(task.state_dict())
-    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
     gen = torch.Generator().manual_seed(1)
     train_batch, meta_batch = _tiny_batch(8, gen), _tiny_batch(6, gen)
     meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
@@ -326,7 +326,7 @@ def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy
     meta_x, meta_labels = sample(128)
 
     task = _Classifier(dim, classes)
-    meta = MetaWeighting(MetaConfig(zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[], method=method), task)
+    meta = MetaWeighting(MetaConfig(interval=1, zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[], method=method), task)
     initial_wnet = copy.deepcopy(meta.wnet)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     weights = {"clean": [], "corrupted": [], "init_clean": [], "init_corrupted": []}
@@ -401,7 +401,7 @@ def test_first_order_meta_gradient_approximates_the_exact_one(float64_default):
     deltas = {}
     for method in ("exact", "first_order"):
         torch.manual_seed(1)
-        meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=1.0, virtual_lr=1e-3, virtual_params=[], method=method, fd_step=1e-5), task)
+        meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=1.0, virtual_lr=1e-3, virtual_params=[], method=method, fd_step=1e-5), task)
         meta.wnet.double()
         before = torch.cat([p.detach().flatten().clone() for p in meta.wnet.parameters()])
         losses = task({"x": x, "y": y})["loss_per_sample"]
@@ -454,7 +454,7 @@ def test_meta_step_through_attention_model():
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask}
 
     train_batch, meta_batch = batch(captions[:4]), batch(captions[2:])
-    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
+    meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
     before = [p.detach().clone() for p in meta.wnet.parameters()]
 
     with meta_forward_context(True):
@@ -466,3 +466,11 @@ def test_meta_step_through_attention_model():
     assert any((p.detach() - b).abs().max() > 1e-6 for p, b in zip(meta.wnet.parameters(), before))
     for name, param in task.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("interval", [1, 2, 4])
+def test_weighting_net_lr_is_per_training_step(interval):
+    """An update every k steps uses k * meta.lr, so the net moves as far over a run."""
+    task = _Classifier(4, 2)
+    meta = MetaWeighting(MetaConfig(lr=1e-4, interval=interval, virtual_params=[]), task)
+    assert meta.optimizer.param_groups[0]["lr"] == pytest.approx(interval * 1e-4)

@@ -68,12 +68,13 @@ class MetaConfig:
     optimizer: str = "adam"  # "adam" | "sgd"
     # 1e-3 (Meta-Weight-Net's value) saturated the sigmoid at 1 for every loss within ~500 SynthVL
     # steps, after which the weights are uniform and the net gets no gradient; 1e-4 stays responsive.
-    lr: float = 1e-4
+    lr: float = 1e-4  # per training step: with interval k each weighting-net update uses k * lr
     weight_decay: float = 0.0
     virtual_lr: float = 0.3  # alpha of the virtual SGD step
     # Meta step every k training steps. 2, from benchmarks/synthvl_variants.py + meta_overhead.py on
-    # SynthVL (3 seeds): every 2nd step kept 105% of the every-step gain over InfoNCE in t2v R@1 (94%
-    # in tail R@1) at 1.16x a plain step (every step: 1.38x); every 4th step kept only 48%.
+    # SynthVL (3 seeds each, README "The cost of the meta step"): every 2nd step (lr scaled as above)
+    # kept 108% of the every-step gain over InfoNCE in t2v R@1 at 1.16x the cost of a plain step
+    # (every step: 1.38x); every 4th step (unscaled lr) kept only 48%.
     interval: int = 2
     # Name prefixes of the parameters that take the virtual step; [] = all. On the from-scratch model a
     # virtual SGD step over all parameters is dominated by the conv stem (gradient norm ~15 vs ~1.5
