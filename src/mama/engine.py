@@ -62,7 +62,7 @@ class TrainResult:
     out_dir: Path
     metrics: dict[str, float]  # final evaluation on cfg.eval.split
     wall_s: float  # training wall time (excluding data loading and the final evaluation)
-    step_ms: float  # median wall time of a training step
+    step_ms: float  # mean wall time of a training step (a mean: with meta.interval > 1 steps alternate in cost)
     steps_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -498,7 +498,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
                 "loss": statistics.fmean(window),
                 "lr": scheduler.get_last_lr()[0],
                 "logit_scale": float(task.logit_scale().detach()),
-                "step_ms": 1000 * statistics.median(step_times[-tc.log_every :]),
+                "step_ms": 1000 * statistics.fmean(step_times[-tc.log_every :]),
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -545,7 +545,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             "steps": tc.steps,
             "world_size": world,
             "wall_s": wall_s,
-            "step_ms": 1000 * statistics.median(step_times) if step_times else float("nan"),
+            "step_ms": 1000 * statistics.fmean(step_times) if step_times else float("nan"),
             "skipped_videos": data.skipped,
             **metrics,
         }
@@ -557,7 +557,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         out_dir=out_dir,
         metrics=metrics,
         wall_s=wall_s,
-        step_ms=1000 * statistics.median(step_times) if step_times else float("nan"),
+        step_ms=1000 * statistics.fmean(step_times) if step_times else float("nan"),
         steps_run=end_step - start_step,
         history=history,
     )
