@@ -18,11 +18,14 @@ import torch
 from mama.checkpoint import load_checkpoint
 from mama.config import ConfigError, load_config, save_config
 from mama.engine import train
+from test_distributed import assert_weighting_net_moved
+from test_engine import _assert_same_tensors
 
 Overrides = Callable[[Any, Any], list[str]]
 # Well-conditioned AdamW (see tests/test_distributed.py): summation-order noise stays at float level.
 STABLE = ["optim.eps=1.0", "optim.lr=0.05", "meta.optimizer=sgd", "train.threads=1"]
 MAMA = ["meta.enabled=true", "loss.margin=0.05"]
+ACTIVE_META = [*MAMA, "meta.zero_init=false", "meta.lr=1.0", "meta.interval=1"]  # see tests/test_distributed.py
 
 
 def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -42,14 +45,16 @@ def _run(tiny_synthvl: Path, tiny_overrides: Overrides, out: Path, *extra: str) 
 
 @pytest.mark.parametrize(
     "variant",
-    [pytest.param([], id="plain"), pytest.param(MAMA, id="meta-exact"), pytest.param([*MAMA, "meta.method=first_order"], id="meta-first-order")],
+    [pytest.param([], id="plain"), pytest.param(ACTIVE_META, id="meta-exact"), pytest.param([*ACTIVE_META, "meta.method=first_order"], id="meta-first-order")],
 )
 def test_accumulation_equals_one_large_batch(variant: list[str], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
     """4 micro-batches of 4 with cached embeddings give the update of one batch of 16: every loss
     still sees all 16 samples as negatives, and the weights come from the whole batch."""
-    _run(tiny_synthvl, tiny_overrides, tmp_path / "big", *STABLE, *variant)
+    _run(tiny_synthvl, tiny_overrides, tmp_path / "big", *STABLE, *variant, "train.checkpoint_every=3")
     _run(tiny_synthvl, tiny_overrides, tmp_path / "micro", *STABLE, *variant, "train.accum_steps=4")
     assert _max_diff(tmp_path / "big", tmp_path / "micro") < 1e-5
+    if variant:
+        assert_weighting_net_moved(tmp_path / "big")
     # Not a vacuous comparison: the model moved away from its initialisation.
     first = load_config(None, [*tiny_overrides(tiny_synthvl, tmp_path / "short"), *STABLE, *variant, "train.steps=1"])
     train(first)
@@ -121,5 +126,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_synthvl: Path, tiny_overrid
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
+    state_a, state_b = load_checkpoint(reference / "checkpoints").state, load_checkpoint(killed / "checkpoints").state
+    for part in ("optimizer", "meta_optimizer", "scheduler"):
+        _assert_same_tensors(state_a[part], state_b[part], part)
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(2, 41, 2))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from mama.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mama.config import Config, ConfigError, from_dict, save_config, to_dict
 from mama.data.clips import ClipSet, load_clipset
-from mama.distributed import DistContext, barrier, cleanup, gather_rows, init_distributed, shard_range
+from mama.distributed import DistContext, barrier, broadcast_object, cleanup, gather_rows, init_distributed, shard_range
 from mama.metrics import bucket_recall, metrics_from_ranks, retrieval_ranks
 from mama.models import create_model, create_tokenizer, get_spec
 from mama.precision import autocast, grad_scaler
@@ -347,7 +347,9 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         torch.set_num_threads(tc.threads)
     out_dir = Path(tc.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
-    if not resume and not tc.overwrite and any(checkpoint_dir.glob("step_*")):
+    # Rank 0 looks at the run folder and tells the others, so that every rank takes the same branch.
+    occupied = broadcast_object(any(checkpoint_dir.glob("step_*")) if main else None)
+    if not resume and not tc.overwrite and occupied:
         raise ConfigError(
             f"{out_dir} already holds a run; resume it (--resume), choose another train.out_dir, "
             "or set train.overwrite=true to replace it"
@@ -373,8 +375,10 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
 
     device = ctx.device
     task = build_task(cfg, data.tokenizer).to(device)
-    # The real update goes through DDP (gradient all-reduce overlapped with backward); the meta step
-    # and evaluation use the unwrapped task, as double backward through DDP is not supported.
+    # The real update goes through DDP (gradient all-reduce overlapped with backward). The exact meta
+    # step differentiates that same training forward with torch.autograd.grad to explicit inputs,
+    # which does not fire DDP's reduction hooks; its meta-batch forward, the first-order probe and
+    # evaluation run on the unwrapped task.
     step_model: nn.Module = task
     if world > 1:
         step_model = DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None)
@@ -386,10 +390,15 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     meta_set = data.splits.get("meta") if meta is not None else None
     if meta is not None and meta_set is None:
         raise ValueError("meta.enabled needs the meta split loaded")
+    if meta_set is not None and world > 1 and len(meta_set) < cfg.meta.batch_size:
+        raise ConfigError(
+            f"meta.batch_size ({cfg.meta.batch_size}) exceeds the {len(meta_set)} meta videos; with "
+            f"{world} processes every rank needs its full share: lower meta.batch_size"
+        )
 
     start_step = 0
     if resume:
-        latest = find_latest_checkpoint(checkpoint_dir)
+        latest = broadcast_object(find_latest_checkpoint(checkpoint_dir) if main else None)
         if latest is not None:
             ckpt = load_checkpoint(latest)
             _check_resumable(ckpt.state["config"], to_dict(cfg), latest, world)
@@ -538,7 +547,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     wall_s = time.perf_counter() - t_start
 
     metrics: dict[str, float] = {}
-    if end_step == tc.steps and (step_times or not (out_dir / "metrics.json").exists()):
+    finished_before = broadcast_object((out_dir / "metrics.json").exists() if main else None)
+    if end_step == tc.steps and (step_times or not finished_before):
         metrics = evaluate(task, data.splits[cfg.eval.split], cfg)
         summary = {
             "split": cfg.eval.split,
