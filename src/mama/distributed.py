@@ -28,10 +28,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 @dataclass(frozen=True)
 class DistContext:
     """Where this process sits: global rank and world size, and the device it trains on."""

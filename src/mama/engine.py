@@ -194,11 +194,10 @@ def encode_clipset(task: RetrievalTask, clips: ClipSet, num_frames: int, batch_s
             ids = clips.caption_ids[start:stop].to(device)
             mask = clips.caption_mask[start:stop].to(device)
             texts.append(model.encode_text(ids, mask).float())
-    dim = model.encode_text(clips.caption_ids[:1].to(device), clips.caption_mask[:1].to(device)).shape[1]
-    empty = torch.zeros(0, dim, device=device)
-    video_emb = torch.cat(videos) if videos else empty
-    text_emb = torch.cat(texts) if texts else empty
-    return gather_rows(video_emb), gather_rows(text_emb)
+    if not videos or not texts:  # a rank with an empty share still joins the gather, with 0 rows
+        dim = model.encode_text(clips.caption_ids[:1].to(device), clips.caption_mask[:1].to(device)).shape[1]
+        videos, texts = videos or [torch.zeros(0, dim, device=device)], texts or [torch.zeros(0, dim, device=device)]
+    return gather_rows(torch.cat(videos)), gather_rows(torch.cat(texts))
 
 
 def evaluate(task: RetrievalTask, clips: ClipSet, cfg: Config) -> dict[str, float]:
@@ -285,13 +284,12 @@ def save_run_checkpoint(
     return save_checkpoint(out_dir / "checkpoints", step, tensors, state, keep_last=cfg.train.keep_last)
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, world: int = 1) -> None:
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume with a config that changes what is being trained (logging may differ).
 
     The number of processes and micro-batches may change: the global batch, and so every update,
     stays the same (up to floating-point summation order).
     """
-    del world  # recorded in the checkpoint for the record; a different world size is allowed
     free = {("train", k) for k in ("progress", "overwrite", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir", "accum_steps", "device")}
     changed = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
@@ -401,7 +399,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         latest = broadcast_object(find_latest_checkpoint(checkpoint_dir) if main else None)
         if latest is not None:
             ckpt = load_checkpoint(latest)
-            _check_resumable(ckpt.state["config"], to_dict(cfg), latest, world)
+            _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
             task.load_state_dict(ckpt.tensors["task"])
             optimizer.load_state_dict(ckpt.state["optimizer"])
             scheduler.load_state_dict(ckpt.state["scheduler"])
@@ -419,6 +417,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     rows = shard_range(tc.batch_size, ctx.rank, world)
     meta_rows = shard_range(cfg.meta.batch_size, ctx.rank, world)
     accum = tc.accum_steps
+    micro_rows = [slice(j * len(rows) // accum, (j + 1) * len(rows) // accum) for j in range(accum)]
     step_times: list[float] = []
     history: list[dict[str, Any]] = []
     window: list[float] = []
@@ -452,8 +451,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
                 with torch.no_grad():
                     loss_per_sample = task.loss(cache.video_emb, cache.text_emb)
                 if exact_meta:
-                    m = len(rows) // accum
-                    partial_losses = [task(mb, cache.at(slice(j * m, (j + 1) * m)))["loss_per_sample"] for j, mb in enumerate(micro)]
+                    partial_losses = [task(mb, cache.at(r))["loss_per_sample"] for mb, r in zip(micro, micro_rows, strict=True)]
 
             # 2. Sample weights: uniform, or from the weighting net after its meta update.
             if meta is not None:
@@ -477,11 +475,10 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
                 scaler.scale(world * (weights * loss_per_sample).sum()).backward()
         else:
             assert cache is not None
-            m = len(rows) // accum
-            for j, mb in enumerate(micro):
+            for j, (mb, r) in enumerate(zip(micro, micro_rows, strict=True)):
                 sync = nullcontext() if world == 1 or j == accum - 1 else step_model.no_sync()  # type: ignore[operator]
                 with sync, autocast(device, tc.precision):
-                    part = step_model(mb, cache.at(slice(j * m, (j + 1) * m)))["loss_per_sample"]
+                    part = step_model(mb, cache.at(r))["loss_per_sample"]
                     scaler.scale(world * (weights * part).sum()).backward()
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(task.parameters(), tc_clip) if (tc_clip := cfg.optim.grad_clip) > 0 else None
@@ -545,6 +542,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             barrier()
     bar.close()
     wall_s = time.perf_counter() - t_start
+    step_ms = 1000 * statistics.fmean(step_times) if step_times else float("nan")
 
     metrics: dict[str, float] = {}
     finished_before = broadcast_object((out_dir / "metrics.json").exists() if main else None)
@@ -555,7 +553,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             "steps": tc.steps,
             "world_size": world,
             "wall_s": wall_s,
-            "step_ms": 1000 * statistics.fmean(step_times) if step_times else float("nan"),
+            "step_ms": step_ms,
             "skipped_videos": data.skipped,
             **metrics,
         }
@@ -567,7 +565,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         out_dir=out_dir,
         metrics=metrics,
         wall_s=wall_s,
-        step_ms=1000 * statistics.fmean(step_times) if step_times else float("nan"),
+        step_ms=step_ms,
         steps_run=end_step - start_step,
         history=history,
     )

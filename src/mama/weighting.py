@@ -82,9 +82,6 @@ class MetaStepResult:
     meta_loss: float | None  # unweighted meta-set loss of the virtual parameters (None: no meta step)
 
 
-LossFn = Callable[[Mapping[str, Any]], Tensor]
-
-
 class MetaWeighting:
     """Owns the weighting net, its optimiser and the meta step.
 
@@ -123,8 +120,7 @@ class MetaWeighting:
     def weights(self, loss_per_sample: Tensor) -> Tensor:
         """Weights for the real update, without grad: (N,) -> (N,)."""
         with torch.no_grad():
-            raw = self.wnet(loss_per_sample.detach())
-            return normalize_weights(raw) if self.cfg.normalize else raw
+            return self._weights_with_grad(loss_per_sample)
 
     def _weights_with_grad(self, loss_values: Tensor) -> Tensor:
         raw = self.wnet(loss_values.detach())

@@ -91,8 +91,11 @@ class ClipSet:
     def num_cached_frames(self) -> int:
         return self.frames.shape[1]
 
-    def batch(self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor) -> dict[str, Any]:
-        """Assemble a model batch. video_index (B,), caption_index (B,), frame_index (B, T)."""
+    def batch(self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor, rows: range | None = None) -> dict[str, Any]:
+        """Assemble a model batch. video_index (B,), caption_index (B,), frame_index (B, T); ``rows``
+        keeps only those rows (this rank's share), so the others are never assembled."""
+        if rows is not None:
+            video_index, caption_index, frame_index = (t[rows.start : rows.stop] for t in (video_index, caption_index, frame_index))
         # (B, F, H, W, 3) gathered at (B, T) -> (B, T, H, W, 3)
         clips = self.frames[video_index[:, None], frame_index]
         return {
@@ -121,9 +124,7 @@ class ClipSet:
         pick = (torch.rand(batch_size, generator=g) * self.pool_size[video_index]).long()
         caption_index = self.pool_start[video_index] + pick
         frame_index = segment_random_indices(self.num_cached_frames, num_frames, batch_size, g)
-        if rows is not None:
-            video_index, caption_index, frame_index = video_index[rows.start : rows.stop], caption_index[rows.start : rows.stop], frame_index[rows.start : rows.stop]
-        return self.batch(video_index, caption_index, frame_index)
+        return self.batch(video_index, caption_index, frame_index, rows)
 
     def random_batch(
         self, step: int, batch_size: int, num_frames: int, seed: int, rows: range | None = None
@@ -135,9 +136,7 @@ class ClipSet:
         pick = (torch.rand(len(video_index), generator=g) * self.pool_size[video_index]).long()
         frame_index = segment_random_indices(self.num_cached_frames, num_frames, len(video_index), g)
         caption_index = self.pool_start[video_index] + pick
-        if rows is not None:
-            video_index, caption_index, frame_index = video_index[rows.start : rows.stop], caption_index[rows.start : rows.stop], frame_index[rows.start : rows.stop]
-        return self.batch(video_index, caption_index, frame_index)
+        return self.batch(video_index, caption_index, frame_index, rows)
 
     def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None) -> Any:
         """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order,
