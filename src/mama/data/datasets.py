@@ -1,0 +1,582 @@
+"""Readers for the standard text-video retrieval benchmarks, into the common :class:`VideoRecord`.
+
+One small parser per annotation layout (style guide, habit 6); they share the record building
+(:class:`_RecordBuilder`) and the video lookup (:class:`VideoIndex`), so no reader repeats another.
+``docs/datasets.md`` shows every layout as a folder tree.
+
+=================  =========================================================  ====================
+format             one split's annotation file                                records
+=================  =========================================================  ====================
+``msrvtt``         CLIP4Clip ``MSRVTT_train.{9k,7k}.csv`` (+ ``MSRVTT_data``  one per video, all
+                   ``.json`` next to it) or ``MSRVTT_JSFUSION_test.csv``      its captions / one
+                                                                              per 1k-A row
+``msrvtt_clipvip`` CLIP-ViP / ClipBERT JSON or JSON lines (``clip_name`` or   one per clip, captions
+                   ``clip_id``; ``caption`` or ``text``)                      merged
+``didemo``         CLIP4Clip ``{train,val,test}_data.json``                   one paragraph per video
+``activitynet``    ActivityNet Captions ``train.json`` / ``val_1.json`` /     one paragraph per video
+                   ``val_2.json``
+``msvd``           CLIP4Clip ``{train,val,test}_list.txt`` (+ ``raw-captions  one per video, all its
+                   .pkl`` next to it)                                         captions
+``lsmdc``          CLIP4Clip ``LSMDC16_*.csv`` (tab-separated)                one per clip
+``jsonl``          ours (:func:`mama.data.records.read_jsonl`)                one per line
+=================  =========================================================  ====================
+
+Every benchmark caption is ``Caption(text, source="human")``. Videos are looked up by id in a
+:class:`VideoIndex` of the ``videos`` folder; a video that is absent gets its expected path, so the
+loader can report and skip it instead of this module failing on a partly downloaded dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mama.data.records import Caption, VideoRecord, read_jsonl
+
+__all__ = [
+    "DATASET_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "Reader",
+    "VideoIndex",
+    "read_activitynet",
+    "read_dataset",
+    "read_didemo",
+    "read_jsonl_dataset",
+    "read_lsmdc",
+    "read_msrvtt",
+    "read_msrvtt_clipvip",
+    "read_msvd",
+]
+
+# Lower case; matching ignores case (DiDeMo's Flickr videos come as .MOV, .AVI, ...).
+VIDEO_EXTENSIONS: tuple[str, ...] = (
+    ".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv",
+)  # fmt: skip
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+# A reader takes one split's annotation file and the videos folder (None: the format's default).
+Reader = Callable[[Path, Path | None], list[VideoRecord]]
+
+
+def _video_suffix(name: str) -> str:
+    """The known video extension ``name`` ends with (as written), or ''."""
+    suffix = PurePosixPath(name).suffix
+    return suffix if suffix.lower() in VIDEO_EXTENSIONS else ""
+
+
+class VideoIndex:
+    """Video id -> path for every video under ``root``, found by one recursive walk.
+
+    A video is either a file with an extension in :data:`VIDEO_EXTENSIONS` (id: the file stem) or a
+    *frame folder*, a directory whose (non-hidden) files are all images in :data:`IMAGE_EXTENSIONS`
+    (id: the folder name). Subfolders are searched too (LSMDC keeps one folder per movie), symlinked
+    folders included; hidden files and folders are ignored.
+
+    When an id occurs twice, video files win over frame folders, then the path with the fewest
+    components (then the shortest, then the alphabetically first); one warning lists the clashes.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder (a wrong ``data.videos`` would otherwise silently
+            turn every video into a missing one).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        # abspath, not resolve: keep symlinked dataset folders pointing where the user put them.
+        self.root = Path(os.path.abspath(root))
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"video folder {self.root} does not exist or is not a folder")
+        found: dict[str, list[tuple[int, Path]]] = {}
+        for path, is_frames in self._walk():
+            video_id = path.name if is_frames else path.stem
+            found.setdefault(video_id, []).append((int(is_frames), path))
+        self._paths: dict[str, Path] = {}
+        clashes: list[str] = []
+        for video_id, candidates in found.items():
+            best = min(candidates, key=lambda c: (c[0], len(c[1].parts), len(str(c[1])), str(c[1])))
+            self._paths[video_id] = best[1]
+            if len(candidates) > 1:
+                clashes.append(f"{video_id!r} ({len(candidates)}x, using {best[1]})")
+        if clashes:
+            shown = "; ".join(sorted(clashes)[:5]) + ("; ..." if len(clashes) > 5 else "")
+            warnings.warn(
+                f"{self.root}: {len(clashes)} video ids occur more than once, preferring video files over "
+                f"frame folders, then the shortest path: {shown}",
+                stacklevel=2,
+            )
+
+    def _walk(self) -> Iterator[tuple[Path, bool]]:
+        """Yield (path, is_frame_folder) for every video under root, in a deterministic order."""
+        visited: set[tuple[int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            stat = os.stat(dirpath)
+            # Following symlinks can revisit a folder (or loop forever on a link to a parent).
+            if (stat.st_dev, stat.st_ino) in visited:
+                dirnames[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files = sorted(f for f in filenames if not f.startswith("."))
+            folder = Path(dirpath)
+            if folder != self.root and files and all(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files):
+                yield folder, True
+            for name in files:
+                if Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+                    yield folder / name, False
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def items(self) -> list[tuple[str, Path]]:
+        """Every (video id, path) found, sorted by id."""
+        return sorted(self._paths.items())
+
+    def __contains__(self, video_id: object) -> bool:
+        return isinstance(video_id, str) and self.find(video_id) is not None
+
+    def find(self, video_id: str) -> Path | None:
+        """The path of ``video_id``, or None when it is not under root.
+
+        The id may carry a folder prefix (only its last component is used) and a video extension
+        (DiDeMo's ``"<flickr id>.mov"``): the id is tried as written first, so a transcoded
+        ``<name>.mov.mp4`` matches, then without the extension, so ``<name>.mov`` or ``<name>.mp4`` does.
+        """
+        name = PurePosixPath(video_id).name
+        path = self._paths.get(name)
+        suffix = _video_suffix(name)
+        if path is None and suffix:
+            path = self._paths.get(name[: -len(suffix)])
+        return path
+
+    def resolve(self, video_id: str) -> Path:
+        """The path of ``video_id``; when absent, the path it is expected at.
+
+        The expected path is ``root / f"{video_id}.mp4"`` (``root / video_id`` when the id already ends
+        with a video extension). It does not exist; the loader reports and skips such records.
+        """
+        path = self.find(video_id)
+        if path is not None:
+            return path
+        return self.root / (video_id if _video_suffix(video_id) else f"{video_id}.mp4")
+
+    def resolve_first(self, video_ids: Sequence[str]) -> Path:
+        """The path of the first of ``video_ids`` that is present, else the expected path of the first."""
+        for video_id in video_ids:
+            path = self.find(video_id)
+            if path is not None:
+                return path
+        return self.resolve(video_ids[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared parts: error locations, typed field access, record building.
+
+
+@contextmanager
+def _located(path: Path, where: str) -> Iterator[None]:
+    """Prefix any ValueError raised inside with the file and the line or entry it concerns."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{path}: {where}: {err}") from err
+
+
+def _field(obj: Any, keys: str | Sequence[str], kind: type | tuple[type, ...]) -> Any:
+    """``obj[key]`` for the first of ``keys`` present, checked to be of ``kind``."""
+    names = (keys,) if isinstance(keys, str) else tuple(keys)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected an object with {' or '.join(map(repr, names))}, got {type(obj).__name__}")
+    for key in names:
+        if key in obj:
+            value = obj[key]
+            if not isinstance(value, kind):
+                expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                raise ValueError(f"{key!r} must be {expected}, got {type(value).__name__}")
+            return value
+    raise ValueError(f"missing {' or '.join(map(repr, names))}")
+
+
+def _auxiliary_file(annotations: Path, name: str, format: str) -> Path:
+    """A file the format needs next to the split's annotation file (e.g. MSRVTT_data.json)."""
+    path = annotations.parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"format {format!r} needs {name} next to {annotations.name}: {path} not found")
+    return path
+
+
+def _load_json(path: Path) -> Any:
+    with path.open("r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from err
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, object) for a JSON list or a JSON-lines file, whichever ``path`` holds."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from err
+        yield from ((f"entry {i}", row) for i, row in enumerate(rows))
+        return
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            with _located(path, f"line {line_no}"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"invalid JSON: {err}") from err
+            yield f"line {line_no}", row
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (line number, row) pairs of a comma-separated file with a header line."""
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = []
+        try:
+            for row in reader:
+                # DictReader puts surplus cells under None and fills missing ones with None.
+                if None in row or any(value is None for value in row.values()):
+                    raise ValueError(f"{path}: line {reader.line_num}: expected {len(header)} columns {header}")
+                rows.append((reader.line_num, row))
+        except csv.Error as err:
+            raise ValueError(f"{path}: line {reader.line_num}: {err}") from err
+    return header, rows
+
+
+@dataclass
+class _Pending:
+    """A video's captions while its annotation is read; ``where`` is where it first appeared."""
+
+    where: str
+    texts: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _RecordBuilder:
+    """Collect captions per video id in annotation order, then build the records.
+
+    Args:
+        merge: a repeated id adds its captions to the video's pool (formats that list one caption
+            per row); otherwise a repeated id is an error.
+        paragraph: the pool becomes one caption, the sentences joined with " " (paragraph-to-video
+            retrieval); ``meta["num_sentences"]`` keeps how many were joined.
+    """
+
+    def __init__(self, *, merge: bool = False, paragraph: bool = False) -> None:
+        self.merge = merge
+        self.paragraph = paragraph
+        self._videos: dict[str, _Pending] = {}
+        self.blank = 0
+
+    def add(self, video_id: Any, texts: Sequence[Any], where: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Add captions of ``video_id`` (raises ValueError, to be located by the caller)."""
+        if not isinstance(video_id, str) or not video_id.strip():
+            raise ValueError(f"video id must be a non-empty string, got {video_id!r}")
+        cleaned = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"caption must be a string, got {type(text).__name__}: {text!r}")
+            # A blank caption carries nothing to retrieve; count it and warn once per file.
+            if text.strip():
+                cleaned.append(text.strip())
+            else:
+                self.blank += 1
+        pending = self._videos.get(video_id)
+        if pending is None:
+            self._videos[video_id] = _Pending(where, cleaned, dict(meta or {}))
+        elif self.merge:
+            pending.texts.extend(cleaned)
+        else:
+            raise ValueError(f"duplicate video id {video_id!r} (first at {pending.where})")
+
+    def build(
+        self, path: Path, index: VideoIndex, aliases: Callable[[str], Sequence[str]] = lambda video_id: (video_id,)
+    ) -> list[VideoRecord]:
+        """The records in first-appearance order; ``aliases(id)`` lists the names to look videos up by."""
+        if self.blank:
+            warnings.warn(f"{path}: ignored {self.blank} blank captions", stacklevel=3)
+        records = []
+        for video_id, pending in self._videos.items():
+            if not pending.texts:
+                raise ValueError(f"{path}: {pending.where}: video {video_id!r} has no non-blank caption")
+            meta = dict(pending.meta)
+            texts = pending.texts
+            if self.paragraph:
+                meta["num_sentences"] = len(texts)
+                texts = [" ".join(texts)]
+            records.append(
+                VideoRecord(
+                    id=video_id,
+                    video=index.resolve_first(aliases(video_id)),
+                    captions=[Caption(text, "human") for text in texts],
+                    meta=meta,
+                )
+            )
+        return records
+
+
+def _index(annotations: Path, videos: Path | None) -> VideoIndex:
+    # Without a videos folder, look next to the annotations (the CLIP4Clip data folders mix both).
+    return VideoIndex(videos if videos is not None else annotations.parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One reader per annotation layout.
+
+
+def read_msrvtt(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """MSR-VTT in CLIP4Clip's layout; the CSV's columns decide which split it is.
+
+    - ``video_id`` only (``MSRVTT_train.9k.csv`` / ``MSRVTT_train.7k.csv``): one record per video with
+      all its captions from ``MSRVTT_data.json`` (``{"sentences": [{"video_id", "caption"}, ...]}``),
+      which must sit next to the CSV.
+    - ``video_id`` and ``sentence`` (``MSRVTT_JSFUSION_test.csv``, the 1k-A test): one record per row
+      with that single caption, the single-positive protocol; ``key`` and ``vid_key`` go to meta.
+    """
+    header, rows = _csv_rows(annotations)
+    builder = _RecordBuilder()
+    if "video_id" in header and "sentence" in header:
+        for line_no, row in rows:
+            where = f"line {line_no}"
+            with _located(annotations, where):
+                meta = {key: row[key] for key in ("key", "vid_key") if key in row}
+                builder.add(row["video_id"], [row["sentence"]], where, meta)
+    elif "video_id" in header:
+        data_path = _auxiliary_file(annotations, "MSRVTT_data.json", "msrvtt")
+        data = _load_json(data_path)
+        sentences: dict[str, list[str]] = {}
+        with _located(data_path, '"sentences"'):
+            entries = _field(data, "sentences", list)
+        for i, entry in enumerate(entries):
+            with _located(data_path, f"sentences[{i}]"):
+                sentences.setdefault(_field(entry, "video_id", str), []).append(_field(entry, "caption", str))
+        for line_no, row in rows:
+            where = f"line {line_no}"
+            with _located(annotations, where):
+                if row["video_id"] not in sentences:
+                    raise ValueError(f"video {row['video_id']!r} has no caption in {data_path}")
+                builder.add(row["video_id"], sentences[row["video_id"]], where)
+    else:
+        raise ValueError(
+            f"{annotations}: expected a 'video_id' column (train list) or 'video_id' and 'sentence' columns "
+            f"(1k-A test), found {header}"
+        )
+    return builder.build(annotations, _index(annotations, videos))
+
+
+def read_msrvtt_clipvip(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """MSR-VTT (or any set) in the CLIP-ViP / ClipBERT layout: a JSON list or JSON lines.
+
+    Each row names a clip (``clip_name`` or ``clip_id``) and one caption or a list of them
+    (``caption`` or ``text``); rows of the same clip are merged into its pool.
+    """
+    builder = _RecordBuilder(merge=True)
+    for where, row in _json_rows(annotations):
+        with _located(annotations, where):
+            text = _field(row, ("caption", "text"), (str, list))
+            builder.add(_field(row, ("clip_name", "clip_id"), str), [text] if isinstance(text, str) else text, where)
+    return builder.build(annotations, _index(annotations, videos))
+
+
+def read_didemo(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """DiDeMo in CLIP4Clip's layout (``{train,val,test}_data.json``), for paragraph-to-video retrieval.
+
+    The file is a list of moments ``{"video", "description", "times", ...}``; a video's single caption
+    is all its descriptions joined with " " in annotation order. The id is the ``video`` field as
+    written, extension included (e.g. ``"<flickr id>.mov"``).
+    """
+    data = _load_json(annotations)
+    if not isinstance(data, list):
+        raise ValueError(f"{annotations}: expected a JSON list of moments, got {type(data).__name__}")
+    builder = _RecordBuilder(merge=True, paragraph=True)
+    for i, moment in enumerate(data):
+        where = f"entry {i}"
+        with _located(annotations, where):
+            builder.add(_field(moment, "video", str), [_field(moment, "description", str)], where)
+    return builder.build(annotations, _index(annotations, videos))
+
+
+def _timestamp_start(timestamp: Any) -> float:
+    if (
+        not isinstance(timestamp, (list, tuple))
+        or len(timestamp) != 2
+        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in timestamp)
+    ):
+        raise ValueError(f"timestamp must be [start, end] in seconds, got {timestamp!r}")
+    return float(timestamp[0])
+
+
+def _activitynet_aliases(video_id: str) -> tuple[str, str]:
+    # The captions key videos as "v_<YouTube id>"; downloads are named with or without the prefix.
+    return (video_id, video_id[2:]) if video_id.startswith("v_") else (video_id, f"v_{video_id}")
+
+
+def read_activitynet(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """ActivityNet Captions (``train.json``, ``val_1.json``, ``val_2.json``), paragraph-to-video.
+
+    The file maps video id -> ``{"duration", "timestamps", "sentences"}``; a video's single caption is
+    its sentences, stripped and joined with " " in timestamp order. Videos are found as ``v_<id>`` or
+    ``<id>``, whichever exists. ``duration`` (seconds) goes to meta.
+    """
+    data = _load_json(annotations)
+    if not isinstance(data, dict):
+        raise ValueError(f"{annotations}: expected a JSON object of videos, got {type(data).__name__}")
+    builder = _RecordBuilder(paragraph=True)
+    for video_id, item in data.items():
+        where = f"video {video_id!r}"
+        with _located(annotations, where):
+            sentences = _field(item, "sentences", list)
+            timestamps = _field(item, "timestamps", list)
+            if len(sentences) != len(timestamps):
+                raise ValueError(f"{len(sentences)} sentences but {len(timestamps)} timestamps")
+            # sorted() is stable: sentences starting together keep their annotation order.
+            order = sorted(range(len(sentences)), key=lambda i: _timestamp_start(timestamps[i]))
+            meta = {"duration": item["duration"]} if "duration" in item else {}
+            builder.add(video_id, [sentences[i] for i in order], where, meta)
+    return builder.build(annotations, _index(annotations, videos), aliases=_activitynet_aliases)
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and strings only.
+
+    Every way a pickle can run code (REDUCE, BUILD, NEWOBJ, INST, OBJ, extension codes) first looks a
+    callable up through ``find_class``; refusing all lookups leaves dicts, lists, tuples, sets, strings
+    and numbers, which is all ``raw-captions.pkl`` holds.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only dicts, lists and strings are allowed")
+
+
+def _load_caption_pickle(path: Path) -> Any:
+    try:
+        # utf-8: Python 2 pickles store str as bytes; the default ASCII would fail on accented words.
+        return _DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a captions pickle: {err}") from err
+
+
+def _join_tokens(caption: Any) -> Any:
+    """CLIP4Clip's MSVD captions are token lists; join them back into a sentence."""
+    if isinstance(caption, list) and all(isinstance(token, str) for token in caption):
+        return " ".join(caption)
+    return caption  # a string is kept; anything else is rejected by the builder
+
+
+def read_msvd(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """MSVD in CLIP4Clip's layout: ``{train,val,test}_list.txt`` of video ids, one per line.
+
+    Captions come from ``raw-captions.pkl`` next to the list (a dict video id -> list of token lists),
+    unpickled without running any code. One record per video with all its captions: evaluation
+    queries with every caption.
+    """
+    captions_path = _auxiliary_file(annotations, "raw-captions.pkl", "msvd")
+    captions = _load_caption_pickle(captions_path)
+    if not isinstance(captions, dict):
+        raise ValueError(f"{captions_path}: expected a dict video id -> captions, got {type(captions).__name__}")
+    builder = _RecordBuilder()
+    for line_no, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), start=1):
+        video_id = line.strip()
+        if not video_id:
+            continue
+        where = f"line {line_no}"
+        with _located(annotations, where):
+            pool = captions.get(video_id)
+            if not isinstance(pool, (list, tuple)):
+                raise ValueError(f"video {video_id!r} has no caption list in {captions_path}")
+            builder.add(video_id, [_join_tokens(c) for c in pool], where)
+    return builder.build(annotations, _index(annotations, videos))
+
+
+_LSMDC_COLUMNS = ("clip_id", "start_aligned", "end_aligned", "start_extracted", "end_extracted", "sentence")
+
+
+def read_lsmdc(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """LSMDC in CLIP4Clip's layout: tab-separated, no header, six columns per line.
+
+    ``clip_id, start_aligned, end_aligned, start_extracted, end_extracted, sentence`` (the
+    ``LSMDC16_annos_*.csv`` and ``LSMDC16_challenge_1000_publictect.csv`` files). A clip id can
+    repeat with several sentences; they are merged into its pool. The four times (as written) of a
+    clip's first line go to meta. Clips live in per-movie subfolders, which the index searches.
+    """
+    builder = _RecordBuilder(merge=True)
+    with annotations.open("r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"line {line_no}"
+            with _located(annotations, where):
+                cells = line.rstrip("\r\n").split("\t")
+                if len(cells) != len(_LSMDC_COLUMNS):
+                    raise ValueError(f"expected {len(_LSMDC_COLUMNS)} tab-separated columns, got {len(cells)}")
+                row = dict(zip(_LSMDC_COLUMNS, cells))
+                times = {key: row[key] for key in _LSMDC_COLUMNS[1:5]}
+                builder.add(row["clip_id"], [row["sentence"]], where, times)
+    return builder.build(annotations, _index(annotations, videos))
+
+
+def read_jsonl_dataset(annotations: Path, videos: Path | None) -> list[VideoRecord]:
+    """Our JSONL format (:func:`mama.data.records.read_jsonl`), caption sources kept as written.
+
+    Without ``videos``, video paths are relative to the JSONL's folder. With a ``videos`` folder,
+    each record's video is looked up there by the file name of its ``"video"`` field, then by its id.
+    """
+    records = read_jsonl(annotations)
+    if videos is None:
+        return records
+    index = VideoIndex(videos)
+    for record in records:
+        record.video = index.resolve_first([record.video.name, record.id])
+    return records
+
+
+DATASET_FORMATS: dict[str, Reader] = {
+    "jsonl": read_jsonl_dataset,
+    "msrvtt": read_msrvtt,
+    "msrvtt_clipvip": read_msrvtt_clipvip,
+    "didemo": read_didemo,
+    "activitynet": read_activitynet,
+    "msvd": read_msvd,
+    "lsmdc": read_lsmdc,
+}
+
+
+def read_dataset(
+    format: str, annotations: str | os.PathLike[str], videos: str | os.PathLike[str] | None
+) -> list[VideoRecord]:
+    """Read one split of a dataset into :class:`VideoRecord` objects.
+
+    Args:
+        format: a key of :data:`DATASET_FORMATS` (layouts in the module docstring and docs/datasets.md).
+        annotations: the split's annotation file; auxiliary files (MSR-VTT's ``MSRVTT_data.json``,
+            MSVD's ``raw-captions.pkl``) are looked for next to it.
+        videos: folder searched recursively for videos by id. None: for "jsonl", the paths written in
+            the file (relative to its folder); for the benchmarks, the annotation file's folder.
+
+    Returns:
+        The records in annotation order, ids unique. A video that is not found gets its expected path
+        (see :meth:`VideoIndex.resolve`); the loader reports and skips it.
+
+    Raises:
+        ValueError: unknown format, or a bad line or entry (the message names the file and where).
+        FileNotFoundError: the annotation file, a needed auxiliary file or the videos folder is missing.
+    """
+    reader = DATASET_FORMATS.get(format)
+    if reader is None:
+        raise ValueError(f"unknown dataset format {format!r}; known formats: {', '.join(DATASET_FORMATS)}")
+    return reader(Path(annotations), None if videos is None else Path(videos))
