@@ -58,3 +58,11 @@ def tiny_synthvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides() -> Callable[[str | Path, str | Path], list[str]]:
     """``tiny_overrides(root, out_dir)`` -> dotted overrides for a fast run (see ``_tiny_overrides``)."""
     return _tiny_overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP and its tokenizer saved like a hub checkpoint (``model.pretrained`` = this folder)."""
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

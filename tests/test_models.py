@@ -1,3 +1,5 @@
+import functools
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -5,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mama.config import ModelConfig
-from mama.models import create_model, create_tokenizer, list_models, load_tokenizer
+from mama.models import create_model, create_tokenizer, get_spec, list_models, load_tokenizer
 from mama.tokenizer import WordTokenizer
 
 CAPTIONS = [
@@ -17,17 +19,40 @@ B, T, SIZE = 3, 4, 16
 
 
 def _tiny(name: str) -> ModelConfig:
-    return ModelConfig(
+    cfg = ModelConfig(
         name=name, embed_dim=16, width=32, heads=2, video_layers=1, text_layers=1,
         stem_channels=4, frame_size=SIZE, max_frames=8, max_text_length=16,
     )  # fmt: skip
+    if name == "clip":
+        # A 16 px tiny CLIP saved like a hub checkpoint; seqTransf, so frame order matters.
+        cfg.pretrained = str(_tiny_clip_folder())
+        cfg.temporal = "seqTransf"
+        cfg.temporal_layers = 1
+    return cfg
+
+
+@functools.cache
+def _tiny_clip_folder() -> Path:
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(Path(tempfile.mkdtemp(prefix="mama_test_models_clip_")), image_size=SIZE, patch_size=8)
 
 
 def _build(name: str) -> tuple[torch.nn.Module, object]:
     cfg = _tiny(name)
     tokenizer = create_tokenizer(cfg, CAPTIONS)
     torch.manual_seed(0)
-    return create_model(cfg, tokenizer), tokenizer
+    model = create_model(cfg, tokenizer)
+    spec = get_spec(name)
+    if spec.load_weights is not None:
+        spec.load_weights(model, cfg)
+    # Layers that start at zero (so a new head starts as the identity) get no gradient through the
+    # layers behind them at step 0; give them small random weights to test every parameter's path.
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.2)
+    return model, tokenizer
 
 
 def test_registry_is_not_empty() -> None:

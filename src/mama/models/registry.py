@@ -1,9 +1,18 @@
 """Model registry and factory: configs pick a video-text model by name.
 
 A registered model is a :class:`ModelSpec`: how to build its tokenizer from training captions (or load
-it from a checkpoint), and how to build the model itself. Every model exposes
+it from a checkpoint), how to build the model itself, and, for pretrained backbones, how to load the
+pretrained weights into a built model (construction and weight loading are separate). Every model exposes
 ``encode_video(video (B, T, C, H, W)) -> (B, D)`` and ``encode_text(input_ids, attention_mask) -> (B, D)``
-returning L2-normalised embeddings; models never compute losses.
+returning L2-normalised embeddings; models never compute losses. Video enters as
+``(uint8 / 255 - pixel_mean) / pixel_std`` per channel with the spec's mean and std.
+
+The "tokenizer" object is the model's text-side asset: callable as ``tokenizer(texts) -> (input_ids,
+attention_mask)`` and saved with ``tokenizer.save(folder)``; a pretrained backbone may keep there whatever
+else it needs to be rebuilt offline (e.g. the backbone's own config).
+
+A model may define ``backbone_prefixes``: parameter-name prefixes (relative to the model) of its
+pretrained part, which train at ``optim.backbone_lr``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ class ModelSpec:
     load_tokenizer: Callable[[ModelConfig, Path], Any]
     build_model: Callable[[ModelConfig, Any], nn.Module]
     description: str = ""
+    # Loads pretrained weights (cfg.pretrained) into a model built by build_model; None: trains from scratch.
+    load_weights: Callable[[nn.Module, ModelConfig], None] | None = None
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -70,4 +83,5 @@ def create_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
 
 def _import_builtin_models() -> None:
     # Registration happens on first use, not at package import, so `import mama` stays cheap.
-    from mama.models import dual_encoder  # noqa: F401
+    # clip imports transformers only inside its functions, so listing the models stays cheap too.
+    from mama.models import clip, dual_encoder  # noqa: F401
