@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mama.metrics import bucket_recall, metrics_from_ranks, retrieval_metrics, retrieval_ranks
+import mama.metrics
+from mama.metrics import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 
 def _random_problem(num_videos: int = 23, max_captions: int = 4, dim: int = 16, seed: int = 0):
@@ -20,16 +21,47 @@ def _random_problem(num_videos: int = 23, max_captions: int = 4, dim: int = 16, 
     return text_emb, video_emb, text_to_video
 
 
-def _dense_reference(text_emb, video_emb, text_to_video):
-    """Brute force from the full (Q, V) matrix, v2t as the minimum of every own caption's rank."""
-    sim = (text_emb.double() @ video_emb.double().T).float()  # (Q, V), same numerics as the library
+def _tied_problem(kind: str, seed: int = 0):
+    """A multi-caption problem with many exactly equal similarities of the given kind."""
+    text_emb, video_emb, text_to_video = _random_problem(seed=seed)
+    if kind == "duplicate_videos":  # videos 1 and 2 copy video 0, so their columns tie
+        video_emb[1] = video_emb[2] = video_emb[0]
+        video_emb[5] = video_emb[4]
+    elif kind == "duplicate_captions":  # some captions copy captions of other videos
+        for copy, original in ((1, 0), (2, 0), (7, 3), (9, 11), (12, 11)):
+            text_emb[copy] = text_emb[original]
+    elif kind == "quantised":  # entries in {-1, -0.5, 0, 0.5, 1}: few distinct, exact dot products
+        text_emb = (text_emb[:, :4] * 4).round().clamp(-2, 2) / 2
+        video_emb = (video_emb[:, :4] * 4).round().clamp(-2, 2) / 2
+    else:
+        assert kind == "random"
+    return text_emb, video_emb, text_to_video
+
+
+def _round_to_float32_significand(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 precision with float64's exponent range (the library's rule for DSL scores)."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(mantissa.float().double(), exponent)
+
+
+def _dense_reference(text_emb, video_emb, text_to_video, dsl_temperature=None):
+    """Brute force from the full (Q, V) matrix with the pessimistic tie rule, optionally with DSL."""
+    sim = (text_emb.double() @ video_emb.double().T).float().double()  # (Q, V), same numerics as the library
+    t2v_score, v2t_score = sim, sim.T  # (Q, V), (V, Q): queries are rows
+    if dsl_temperature is not None:  # softmax over the query axis, i.e. over the rows
+        t2v_score = _round_to_float32_significand(sim * torch.softmax(dsl_temperature * sim, dim=0))
+        v2t_score = _round_to_float32_significand(sim.T * torch.softmax(dsl_temperature * sim.T, dim=0))
     num_captions, num_videos = sim.shape
-    t2v = torch.tensor([1 + int((sim[q] > sim[q, text_to_video[q]]).sum()) for q in range(num_captions)])
+    t2v = []
+    for q in range(num_captions):
+        own = int(text_to_video[q])
+        t2v.append(1 + sum(int(t2v_score[q, v] >= t2v_score[q, own]) for v in range(num_videos) if v != own))
     v2t = []
     for v in range(num_videos):
         own = [q for q in range(num_captions) if text_to_video[q] == v]
-        v2t.append(min(1 + int((sim[:, v] > sim[q, v]).sum()) for q in own))
-    return t2v, torch.tensor(v2t)
+        best = max(float(v2t_score[v, q]) for q in own)
+        v2t.append(1 + sum(int(v2t_score[v, q] >= best) for q in range(num_captions) if q not in own))
+    return torch.tensor(t2v), torch.tensor(v2t)
 
 
 def _reference_metrics(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -58,6 +90,33 @@ def test_chunked_ranks_equal_dense_reference(chunk_size):
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("column_tile", [5, 4096])
+@pytest.mark.parametrize("dsl", [False, True])
+@pytest.mark.parametrize("kind", ["random", "duplicate_videos", "duplicate_captions", "quantised"])
+def test_ranks_with_ties_equal_dense_reference(kind, dsl, column_tile, monkeypatch):
+    # column_tile=5 makes every chunk span several column tiles, as at 100k candidates.
+    monkeypatch.setattr(mama.metrics, "_COLUMN_TILE", column_tile)
+    text_emb, video_emb, text_to_video = _tied_problem(kind)
+    # Quantised similarities reach |S| = 4; a lower T keeps exp(T·S - lse) inside float64 range.
+    temperature = 30.0 if kind == "quantised" else 100.0
+    ref_t2v, ref_v2t = _dense_reference(text_emb, video_emb, text_to_video, temperature if dsl else None)
+    for chunk_size in (1, 7, 1000):
+        t2v, v2t = retrieval_ranks(
+            text_emb, video_emb, text_to_video, chunk_size=chunk_size, dsl=dsl, dsl_temperature=temperature
+        )
+        assert torch.equal(t2v, ref_t2v), chunk_size
+        assert torch.equal(v2t, ref_v2t), chunk_size
+    if kind != "random":  # the ties are real: some other candidate equals a correct item's similarity
+        sim = text_emb.double() @ video_emb.double().T  # (Q, V)
+        own_sim = sim.gather(1, text_to_video[:, None])  # (Q, 1)
+        t2v_tied = ((sim == own_sim).sum(dim=1) > 1).any()
+        best_own = torch.full((len(video_emb),), -math.inf, dtype=sim.dtype)
+        best_own = best_own.scatter_reduce(0, text_to_video, own_sim.squeeze(1), reduce="amax")  # (V,)
+        not_own = text_to_video[:, None] != torch.arange(len(video_emb))[None, :]  # (Q, V)
+        v2t_tied = ((sim == best_own[None, :]) & not_own).any()
+        assert t2v_tied or v2t_tied
 
 
 def test_chunking_does_not_change_ranks_at_realistic_size():
@@ -127,7 +186,7 @@ def test_hand_computed_ranks():
     assert metrics["v2t_mnr"] == pytest.approx(5 / 3)
 
 
-def test_ties_count_in_favour_of_the_correct_item():
+def test_ties_count_against_the_correct_item():
     # Videos 3 and 6 duplicate video 0, and their captions duplicate video 0's captions, so each
     # of these captions ties between three videos and each of these videos ties between six
     # captions. The width and count are chosen so that plain float32 MKL matmuls compute identical
@@ -141,10 +200,53 @@ def test_ties_count_in_favour_of_the_correct_item():
     for duplicate in (3, 6):
         text_emb[duplicate] = text_emb[0]
         text_emb[num_videos + duplicate] = text_emb[num_videos]
+    # A caption of video 0, 3 or 6 ties with the two other copies of its video: rank 3. Each of those
+    # videos' best own caption ties with the two copies of it owned by the other two videos: rank 3.
+    tied = {0, 3, 6}
+    expected_t2v = [3 if v in tied else 1 for v in text_to_video.tolist()]
+    expected_v2t = [3 if v in tied else 1 for v in range(num_videos)]
     for chunk_size in (1, 2, 5, 100):
         t2v, v2t = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=chunk_size)
-        assert t2v.tolist() == [1] * 14, chunk_size
-        assert v2t.tolist() == [1] * num_videos, chunk_size
+        assert t2v.tolist() == expected_t2v, chunk_size
+        assert v2t.tolist() == expected_v2t, chunk_size
+
+
+@pytest.mark.parametrize("dsl", [False, True])
+def test_collapsed_model_gets_worst_ranks(dsl):
+    # Identical embeddings: every candidate ties with the correct one, so nothing is retrieved.
+    # Optimistic ties would report R@1 = 100% here.
+    text_to_video = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # V = 4, Q = 7
+    text_emb = F.normalize(torch.ones(7, 8), dim=1)
+    video_emb = F.normalize(torch.ones(4, 8), dim=1)
+    for chunk_size in (1, 3, 100):
+        t2v, v2t = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=chunk_size, dsl=dsl)
+        assert t2v.tolist() == [4] * 7  # rank V
+        captions_per_video = torch.bincount(text_to_video)
+        assert v2t.tolist() == (7 - captions_per_video + 1).tolist()  # all other videos' captions first
+    metrics = retrieval_metrics(text_emb, video_emb, text_to_video)
+    assert metrics["t2v_r1"] == 0.0 and metrics["v2t_r1"] == 0.0
+
+
+def test_dsl_scores_keep_float64_exponent_range():
+    # Caption 2 is far from every video: its DSL weights are ~exp(-160) and ~exp(-180), which flush to
+    # -0.0 in float32 and would tie (rank 2). In float64 range its own video's score, -0.78·e^-178,
+    # is above the other's, -0.62·e^-162 (DSL scales negative similarities towards zero).
+    video_emb = torch.eye(2)
+    text_emb = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), F.normalize(torch.tensor([-0.4, -0.5]), dim=0)])
+    text_to_video = torch.tensor([0, 1, 1])
+    t2v, _ = retrieval_ranks(text_emb, video_emb, text_to_video, dsl=True, dsl_temperature=100.0)
+    assert t2v.tolist() == [1, 1, 1]
+    ref_t2v, _ = _dense_reference(text_emb, video_emb, text_to_video, dsl_temperature=100.0)
+    assert ref_t2v.tolist() == [1, 1, 1]
+
+
+def test_dsl_metrics_are_prefixed_metrics_of_dsl_ranks():
+    text_emb, video_emb, text_to_video = _random_problem(seed=5)
+    got = dsl_metrics(text_emb, video_emb, text_to_video, chunk_size=7, temperature=50.0)
+    ranks = retrieval_ranks(text_emb, video_emb, text_to_video, dsl=True, dsl_temperature=50.0)
+    assert got == {f"dsl_{key}": value for key, value in metrics_from_ranks(*ranks).items()}
+    assert list(got) == [f"dsl_{key}" for key in retrieval_metrics(text_emb, video_emb, text_to_video)]
+    assert dsl_metrics(text_emb, video_emb, text_to_video, temperature=5.0) != got  # temperature is used
 
 
 def test_recall_and_rank_summary_from_ranks():
@@ -183,3 +285,6 @@ def test_input_validation():
         retrieval_ranks(text_emb, video_emb, text_to_video[:-1])
     with pytest.raises(ValueError, match="chunk_size"):
         retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=0)
+    for temperature in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="dsl_temperature"):
+            retrieval_ranks(text_emb, video_emb, text_to_video, dsl=True, dsl_temperature=temperature)

@@ -2,10 +2,19 @@
 
 Shapes used throughout: ``Q`` captions (every caption is a query), ``V`` videos, ``d`` embedding
 width. Several captions may describe the same video; ``text_to_video[q]`` is the index of caption
-``q``'s video.
+``q``'s video. In either direction the *queries* are the rows being ranked (captions for t2v, videos
+for v2t) and the *candidates* are what they rank (``N`` of them: ``V`` for t2v, ``Q`` for v2t).
 
-Similarities are computed one chunk of rows at a time, so peak memory is about
-``chunk_size * max(Q, V) * 13`` bytes instead of a full ``(Q, V)`` matrix.
+Memory: the scores of one chunk of ``c`` query rows against all ``N`` candidates are kept
+(``4·c·N`` bytes; ``8·c·N`` with DSL, whose scores need float64's exponent range); everything else
+is computed in column tiles of ``w = _COLUMN_TILE`` candidates. Peak memory beyond the inputs is
+about ``4·c·N + 12·c·w + 8·w·d`` bytes (float32 scores + float64 product tile and its float32 copy
++ float64 candidate tile), and ``8·c·N + 20·c·w + 8·w·d`` with DSL; never a ``(Q, V)`` matrix, nor
+a full-width float64 product, own-caption mask or int64 count. With the default ``c = 1024`` that
+is ~0.47 GB (raw) for N = 100,000. Measured process RSS is higher by ~0.1-0.3 GB: glibc's dynamic
+mmap threshold keeps the freed tile-sized blocks on the heap (``MALLOC_MMAP_THRESHOLD_=1000000``
+brings the measured peak down to the formula). Counting uses ``count_nonzero``: ``mask.sum(dim)``
+would allocate an int64 copy of the mask, 8 bytes per similarity.
 
 Numerics: a BLAS matmul does not give bit-identical results for different batch shapes (on MKL a
 float32 ``a @ b.T`` differs in the last bit from the same rows computed in another chunk, and even
@@ -16,25 +25,141 @@ float32 before comparing: the float64 noise (~1e-16) is far below a float32 ulp 
 rounded values, and hence the ranks, equal those of a dense computation whatever the chunking.
 Similarities are thus compared at float32 resolution, for float64 inputs too.
 
-Tie rule (optimistic): a rank is 1 + the number of candidates with *strictly* higher similarity,
-so candidates tied with the correct one do not push it down.
+Tie rule (pessimistic): a candidate tied with the correct one counts *against* it. The t2v rank of
+caption ``q`` is 1 + #(other videos with similarity >= that of ``q``'s video); the v2t rank of video
+``v`` (multi-caption protocol: its best caption counts) is 1 + #(captions of *other* videos with
+similarity >= the best similarity among ``v``'s own captions). A collapsed model whose embeddings
+are all equal therefore gets the worst ranks (``V`` for t2v, ``Q - captions(v) + 1`` for v2t), not
+R@1 = 100%.
+
+DSL (dual softmax, opt-in, as in CLIP4Clip/CAMoE evaluation): every similarity is re-weighted by a
+softmax over the *query* axis, computed over the whole query set:
+``S'(q, n) = S(q, n) · softmax_q(T · S(:, n))[q]``, i.e. for t2v each video's column is normalised
+over all captions, for v2t each caption's column over all videos. With ``T = 100`` the ranks
+equal those of CLIP4Clip's ``logits * softmax(logits, axis=0)`` on ``logits = 100·S``. Two passes: the per-candidate
+log-sum-exp over all queries is streamed first, then the re-weighted rows are ranked with the same
+tie rule. ``S'`` is computed in float64 from the float32-rounded ``S`` and then rounded to float32's
+24-bit significand while keeping float64's exponent range: the rounding removes the reduction-order
+noise (as above), and the wide exponent keeps tiny weights (``exp(-200)`` at ``T = 100``) from
+underflowing to zero and creating spurious ties.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["bucket_recall", "metrics_from_ranks", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["bucket_recall", "dsl_metrics", "metrics_from_ranks", "retrieval_metrics", "retrieval_ranks"]
 
 RECALL_KS = (1, 5, 10)
 
+# Candidates per float64 product tile: bounds the float64 temporaries to ~8·chunk·_COLUMN_TILE bytes
+# however many candidates there are, while keeping each matmul large enough to run at full speed.
+_COLUMN_TILE = 4096
 
-def _similarity(rows: Tensor, cols: Tensor) -> Tensor:
-    """Dot products ``(R, d) x (C, d) -> (R, C)`` float32, accumulated in float64 (see module doc)."""
-    return (rows.to(torch.float64) @ cols.to(torch.float64).T).to(torch.float32)
+_SIGNIFICAND_DROP = 52 - 23  # float64 significand bits that float32 does not have
+
+
+def _similarity(rows64: Tensor, cols: Tensor) -> Tensor:
+    """Dot products ``(R, d) float64 x (C, d) -> (R, C)`` float32, accumulated in float64 (see module doc)."""
+    return (rows64 @ cols.to(torch.float64).T).to(torch.float32)
+
+
+def _round_significand_(x: Tensor) -> Tensor:
+    """Round float64 ``x`` in place to float32's 24-bit significand (round half to even, as a cast
+    to float32 does), keeping float64's exponent range so that tiny values do not flush to zero."""
+    bits = x.view(torch.int64)  # sign-magnitude: integer arithmetic on the low bits rounds |x|
+    carry = bits >> _SIGNIFICAND_DROP  # one temporary, the rest in place
+    carry &= 1  # lowest kept bit: a tie rounds up only if it is odd
+    carry += (1 << (_SIGNIFICAND_DROP - 1)) - 1
+    bits += carry  # a carry out of the significand bumps the exponent, which is the correct result
+    bits &= -(1 << _SIGNIFICAND_DROP)
+    return x
+
+
+def _dsl_scores(sim: Tensor, column_lse: Tensor, temperature: float) -> Tensor:
+    """``(c, w)`` float32 similarities -> float64 DSL scores ``S · exp(T·S - lse_column)`` (module doc)."""
+    sim64 = sim.to(torch.float64)
+    weight = torch.mul(sim64, temperature)  # (c, w); in-place steps keep one float64 temporary
+    weight -= column_lse  # (w,) broadcast: softmax over all queries of each candidate's column
+    sim64 *= weight.exp_()
+    del weight
+    return _round_significand_(sim64)
+
+
+def _dsl_normalisers(
+    text_emb: Tensor, video_emb: Tensor, chunk_size: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp of ``T · S`` over the query axis for both directions, in one pass over caption rows.
+
+    Returns ``(video_lse, caption_lse)``: ``(V,)`` float64 logsumexp over all captions of each video's
+    column (t2v normaliser) and ``(Q,)`` float64 logsumexp over all videos of each caption (v2t
+    normaliser; in caption-row orientation it is a row-wise reduction).
+    """
+    num_captions, num_videos = text_emb.shape[0], video_emb.shape[0]
+    video_lse = torch.full((num_videos,), -math.inf, dtype=torch.float64, device=text_emb.device)
+    caption_lse = torch.full((num_captions,), -math.inf, dtype=torch.float64, device=text_emb.device)
+    for start in range(0, num_captions, chunk_size):
+        rows64 = text_emb[start : start + chunk_size].to(torch.float64)
+        chunk_captions = caption_lse[start : start + chunk_size]  # views: updated in place
+        for col in range(0, num_videos, _COLUMN_TILE):
+            sim = _similarity(rows64, video_emb[col : col + _COLUMN_TILE])  # (c, w)
+            logits = temperature * sim.to(torch.float64)  # from the float32-rounded S, as _dsl_scores
+            tile_videos = video_lse[col : col + _COLUMN_TILE]
+            torch.logaddexp(tile_videos, torch.logsumexp(logits, dim=0), out=tile_videos)
+            torch.logaddexp(chunk_captions, torch.logsumexp(logits, dim=1), out=chunk_captions)
+    return video_lse, caption_lse
+
+
+def _ranks(
+    query_emb: Tensor,
+    cand_emb: Tensor,
+    own_offsets: Tensor,
+    own_cands: Tensor,
+    chunk_size: int,
+    column_lse: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """The one ranking core behind both directions, raw or DSL.
+
+    Query ``i``'s correct candidates are ``own_cands[own_offsets[i]:own_offsets[i + 1]]`` (CSR:
+    ``own_offsets`` is ``(queries + 1,)``, at least one candidate each). Rank = 1 + #(candidates
+    that are not its own with score >= its best own score). ``column_lse``: ``(N,)`` DSL
+    normalisers, or None for raw similarities. Returns ``(queries,)`` int64 on CPU.
+    """
+    num_queries, num_cands = query_emb.shape[0], cand_emb.shape[0]
+    device = query_emb.device
+    score_dtype = torch.float32 if column_lse is None else torch.float64
+    ranks = []
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        rows64 = query_emb[start:stop].to(torch.float64)
+        scores = torch.empty(stop - start, num_cands, dtype=score_dtype, device=device)  # (c, N)
+        for col in range(0, num_cands, _COLUMN_TILE):
+            sim = _similarity(rows64, cand_emb[col : col + _COLUMN_TILE])  # (c, w)
+            if column_lse is not None:
+                sim = _dsl_scores(sim, column_lse[col : col + _COLUMN_TILE], temperature)
+            scores[:, col : col + sim.shape[1]] = sim
+
+        # Own scores are gathered from the same matrix (never recomputed), so the best own candidate
+        # is guaranteed to count as >= itself; no (c, N) own-candidate mask is needed.
+        own_cols = own_cands[int(own_offsets[start]) : int(own_offsets[stop])]  # (n_own,)
+        own_counts = own_offsets[start + 1 : stop + 1] - own_offsets[start:stop]  # (c,)
+        own_rows = torch.repeat_interleave(torch.arange(stop - start, device=device), own_counts)  # (n_own,)
+        own_scores = scores[own_rows, own_cols]  # (n_own,)
+        best_own = torch.full((stop - start,), -math.inf, dtype=score_dtype, device=device)
+        best_own.scatter_reduce_(0, own_rows, own_scores, reduce="amax")  # (c,)
+        own_at_best = torch.zeros(stop - start, dtype=torch.long, device=device)
+        own_at_best.index_add_(0, own_rows, (own_scores >= best_own[own_rows]).long())  # (c,)
+
+        at_or_above = torch.zeros(stop - start, dtype=torch.long, device=device)
+        for col in range(0, num_cands, _COLUMN_TILE):
+            at_or_above += torch.count_nonzero(scores[:, col : col + _COLUMN_TILE] >= best_own[:, None], dim=1)
+        ranks.append(1 + at_or_above - own_at_best)
+    return torch.cat(ranks).cpu()
 
 
 def _check_inputs(text_emb: Tensor, video_emb: Tensor, text_to_video: Tensor, chunk_size: int) -> None:
@@ -63,49 +188,56 @@ def _check_inputs(text_emb: Tensor, video_emb: Tensor, text_to_video: Tensor, ch
 
 @torch.no_grad()
 def retrieval_ranks(
-    text_emb: Tensor, video_emb: Tensor, text_to_video: Tensor, chunk_size: int = 1024
+    text_emb: Tensor,
+    video_emb: Tensor,
+    text_to_video: Tensor,
+    chunk_size: int = 1024,
+    *,
+    dsl: bool = False,
+    dsl_temperature: float = 100.0,
 ) -> tuple[Tensor, Tensor]:
-    """1-based retrieval ranks in both directions.
+    """1-based retrieval ranks in both directions, ties counted against the correct item.
 
     Args:
         text_emb: ``(Q, d)`` L2-normalised caption embeddings; similarity is the dot product.
         video_emb: ``(V, d)`` L2-normalised video embeddings, on the same device.
         text_to_video: ``(Q,)`` integer index in ``[0, V)`` of each caption's video. Every video
             needs at least one caption (``ValueError`` otherwise).
-        chunk_size: rows of the similarity matrix computed at once; results do not depend on it.
+        chunk_size: query rows scored at once; results do not depend on it. Peak memory beyond the
+            inputs is about ``4·chunk_size·max(Q, V)`` bytes (``8·`` with DSL) plus a per-tile
+            term independent of ``Q`` and ``V`` (~65 MB at the default; module doc).
+        dsl: rank dual-softmax re-weighted similarities instead of raw ones (module doc); one extra
+            pass over the similarities (for both directions' normalisers), so ~1.5x the time.
+        dsl_temperature: inverse temperature ``T`` of the DSL softmax, applied to cosine
+            similarities (100 matches CLIP's logit scale).
 
     Returns:
         ``t2v_ranks``: ``(Q,)`` int64 on CPU, rank of caption ``q``'s own video among all ``V``
-        videos = 1 + #videos with strictly higher similarity.
-        ``v2t_ranks``: ``(V,)`` int64 on CPU, for video ``v`` the best (minimum) rank over its own
-        captions among all ``Q`` captions, a caption's rank being 1 + #captions with strictly higher
-        similarity to ``v`` (the standard multi-caption protocol).
+        videos = 1 + #other videos with similarity >= the own video's.
+        ``v2t_ranks``: ``(V,)`` int64 on CPU, for video ``v`` 1 + #captions of other videos with
+        similarity >= that of ``v``'s most similar own caption (the multi-caption protocol: the
+        best own caption counts, and ``v``'s other captions never push it down).
     """
     _check_inputs(text_emb, video_emb, text_to_video, chunk_size)
+    if dsl and not (math.isfinite(dsl_temperature) and dsl_temperature > 0):
+        raise ValueError(f"dsl_temperature must be finite and > 0, got {dsl_temperature}")
     text_emb, video_emb = text_emb.detach(), video_emb.detach()
-    text_to_video = text_to_video.to(device=text_emb.device, dtype=torch.long)
+    device = text_emb.device
+    text_to_video = text_to_video.to(device=device, dtype=torch.long)
     num_captions, num_videos = text_emb.shape[0], video_emb.shape[0]
 
-    t2v_chunks = []
-    for start in range(0, num_captions, chunk_size):
-        sim = _similarity(text_emb[start : start + chunk_size], video_emb)  # (c, V)
-        # Taking the own similarity from the same matrix guarantees the own video never counts as
-        # strictly higher than itself.
-        own_sim = sim.gather(1, text_to_video[start : start + chunk_size, None])  # (c, 1)
-        t2v_chunks.append((sim > own_sim).sum(dim=1) + 1)
+    # Own candidates as CSR: each caption owns one video; each video owns its captions.
+    caption_offsets = torch.arange(num_captions + 1, device=device)
+    video_captions = torch.argsort(text_to_video, stable=True)  # (Q,) caption ids grouped by video
+    video_offsets = torch.zeros(num_videos + 1, dtype=torch.long, device=device)
+    video_offsets[1:] = torch.cumsum(torch.bincount(text_to_video, minlength=num_videos), dim=0)
 
-    v2t_chunks = []
-    video_to_text = text_to_video.to(video_emb.device)
-    for start in range(0, num_videos, chunk_size):
-        sim = _similarity(video_emb[start : start + chunk_size], text_emb)  # (c, Q)
-        video_idx = torch.arange(start, start + sim.shape[0], device=sim.device)
-        is_own_caption = video_to_text[None, :] == video_idx[:, None]  # (c, Q)
-        # Rank falls as similarity rises, so the best rank over a video's captions is the rank of
-        # its most similar caption; no need to rank every caption.
-        best_own_sim = sim.masked_fill(~is_own_caption, float("-inf")).amax(dim=1, keepdim=True)  # (c, 1)
-        v2t_chunks.append((sim > best_own_sim).sum(dim=1) + 1)
-
-    return torch.cat(t2v_chunks).cpu(), torch.cat(v2t_chunks).cpu()
+    video_lse = caption_lse = None
+    if dsl:
+        video_lse, caption_lse = _dsl_normalisers(text_emb, video_emb, chunk_size, dsl_temperature)
+    t2v = _ranks(text_emb, video_emb, caption_offsets, text_to_video, chunk_size, video_lse, dsl_temperature)
+    v2t = _ranks(video_emb, text_emb, video_offsets, video_captions, chunk_size, caption_lse, dsl_temperature)
+    return t2v, v2t
 
 
 def _rank_summary(ranks: Tensor, prefix: str) -> dict[str, float]:
@@ -135,6 +267,25 @@ def retrieval_metrics(
         over the ``V`` videos.
     """
     return metrics_from_ranks(*retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size))
+
+
+def dsl_metrics(
+    text_emb: Tensor,
+    video_emb: Tensor,
+    text_to_video: Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 100.0,
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` of dual-softmax re-weighted similarities, keys prefixed ``dsl_``.
+
+    Args: as :func:`retrieval_ranks`; ``temperature`` is its ``dsl_temperature``.
+
+    Returns:
+        ``dsl_t2v_r1 ... dsl_v2t_mnr``: the :func:`retrieval_metrics` keys with a ``dsl_`` prefix, so
+        they can be reported next to the raw ones.
+    """
+    ranks = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size, dsl=True, dsl_temperature=temperature)
+    return {f"dsl_{key}": value for key, value in metrics_from_ranks(*ranks).items()}
 
 
 def metrics_from_ranks(t2v_ranks: Tensor, v2t_ranks: Tensor) -> dict[str, float]:
