@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from mama.config import Config, ConfigError, load_config, save_config
+from mama.data.datasets import DATASET_FORMATS
 from mama.models import list_models
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -114,3 +115,8 @@ def test_shipped_config_loads(path: Path) -> None:
     assert cfg.model.name in list_models()
     assert cfg.data.frame_size == cfg.model.frame_size
     assert cfg.data.num_frames <= cfg.model.max_frames
+    assert cfg.data.format in DATASET_FORMATS
+    assert cfg.data.decode in ("cache", "stream")
+    if cfg.data.format != "jsonl":
+        assert not cfg.data.synthvl and cfg.data.videos, "a benchmark recipe names its videos folder"
+        assert cfg.data.meta or cfg.data.meta_holdout > 0 or not cfg.meta.enabled

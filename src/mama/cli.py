@@ -40,6 +40,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mama.embed import export_pretrained
+
+    out = export_pretrained(Path(args.checkpoint), Path(args.out))
+    print(f"model written to {out} (load it with mama.embed.Encoder.from_pretrained or `mama embed --model {out}`)")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from mama.embed import Encoder, build_index, list_inputs
+
+    videos, texts = list_inputs(
+        videos=Path(args.videos) if args.videos else None,
+        annotations=Path(args.annotations) if args.annotations else None,
+        format=args.format,
+        with_texts=args.texts,
+    )
+    encoder = Encoder.from_pretrained(args.model, device=args.device, num_frames=args.frames)
+    info = build_index(encoder, videos, Path(args.out), texts, args.batch_size, args.workers, progress=not args.no_progress)
+    print(json.dumps({"index": args.out, **info}, indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from mama.embed import search
+
+    results = search(Path(args.index), args.queries, args.top_k)
+    if args.json:
+        print(json.dumps([{"query": q, "results": r} for q, r in zip(args.queries, results, strict=True)], indent=2))
+        return 0
+    for query, hits in zip(args.queries, results, strict=True):
+        print(f"query: {query}")
+        for hit in hits:
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}  {hit['video']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mama.demo import run_demo
 
@@ -91,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="train | meta | val | test (default: the config's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write a trained model as a self-contained folder (safetensors + config + tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoints/step_* folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("embed", help="embed videos (and captions) with a trained model into an index folder")
+    p.add_argument("--model", required=True, help="exported model folder, run folder or checkpoint")
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--videos", default=None, help="folder of videos (searched recursively); with --annotations: where its videos are")
+    p.add_argument("--annotations", default=None, help="annotation file of a split (any data.format)")
+    p.add_argument("--format", default="jsonl", help="annotation layout (see docs/datasets.md)")
+    p.add_argument("--texts", action="store_true", help="also embed the annotations' human captions")
+    p.add_argument("--frames", type=int, default=None, help="frames per video (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("search", help="find the videos of an index that best match text queries")
+    p.add_argument("queries", nargs="+", help="one or more text queries")
+    p.add_argument("--index", required=True, help="index folder written by `mama embed`")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("demo", help="InfoNCE vs angular margin vs MAMA on SynthVL")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")

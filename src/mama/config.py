@@ -21,11 +21,22 @@ T = TypeVar("T")
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthvl"  # folder of the JSONL files; video paths inside them are relative to it
+    root: str = "data/synthvl"  # folder of the annotation files (JSONL: video paths are relative to it)
+    # Annotation layout, a reader of mama.data.datasets: "jsonl" (ours), "msrvtt", "msrvtt_clipvip",
+    # "didemo", "activitynet", "msvd", "lsmdc". docs/datasets.md shows each layout.
+    format: str = "jsonl"
+    videos: str = ""  # folder searched (recursively) for videos by id; "" = the paths in the JSONL files
     train: str = "train.jsonl"
-    meta: str = "meta.jsonl"  # small clean balanced set for the weighting net (human captions only)
+    # Small clean balanced set for the weighting net (human captions only). "" with meta_holdout > 0:
+    # hold that many training videos out instead, balanced over caption-topic clusters.
+    meta: str = "meta.jsonl"
+    meta_holdout: int = 0
     val: str = "val.jsonl"
     test: str = "test.jsonl"
+    lvlm_captions: list[str] = field(default_factory=list)  # JSONL files of `mama augment`: join the train pools as "lvlm"
+    decode: str = "cache"  # "cache": decode once into a safetensors frame cache | "stream": decode every batch
+    workers: int = 0  # data-loading worker processes (stream decoding); 0 = in the training process
+    cached_frames: int = 0  # frames kept per video (cache) or sampling slots (stream); 0 = 2 x num_frames
     synthvl: bool = True  # root is a SynthVL dataset: generate it there when absent
     synthvl_seed: int = 0
     synthvl_scale: float = 1.0  # multiplies SynthVL's split sizes (the quick demo uses a smaller set)
@@ -47,6 +58,9 @@ class ModelConfig:
     max_frames: int = 16
     max_text_length: int = 32
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% slower
+    pretrained: str = ""  # pretrained backbone: Hugging Face hub id or local folder (e.g. openai/clip-vit-base-patch32)
+    temporal: str = "meanP"  # CLIP frame aggregation: "meanP" (mean pooling) | "seqTransf" (temporal transformer)
+    temporal_layers: int = 4  # seqTransf depth
 
 
 @dataclass
@@ -101,6 +115,9 @@ class OptimConfig:
     warmup_frac: float = 0.05  # fraction of steps with linear warm-up
     schedule: str = "cosine"  # "cosine" | "constant"
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Learning rate of the pretrained backbone's parameters (the model's ``backbone_prefixes``); new layers
+    # (temporal transformer, weighting heads) and the logit scale use ``lr``. None: ``lr`` for everything.
+    backbone_lr: float | None = None
 
 
 @dataclass
@@ -127,6 +144,9 @@ class EvalConfig:
     split: str = "test"
     batch_size: int = 256
     chunk_size: int = 1024
+    # Also report dual-softmax (DSL) re-ranked metrics as dsl_*: they use statistics of the whole test
+    # query set, so they are an inference-time trick, reported next to (never instead of) the raw ones.
+    dsl: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import random
 import shutil
 import statistics
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,10 @@ from tqdm.auto import tqdm
 
 from mama.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mama.config import Config, ConfigError, from_dict, save_config, to_dict
-from mama.data.clips import ClipSet, load_clipset
+from mama.data.clips import ClipSet, load_clipset, map_in_workers
+from mama.data.records import VideoRecord, add_lvlm_captions, read_lvlm_captions
 from mama.distributed import DistContext, barrier, broadcast_object, cleanup, gather_rows, init_distributed, shard_range
-from mama.metrics import bucket_recall, metrics_from_ranks, retrieval_ranks
+from mama.metrics import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_ranks
 from mama.models import create_model, create_tokenizer, get_spec
 from mama.precision import autocast, grad_scaler
 from mama.task import RetrievalTask, encode_for_cache
@@ -92,34 +94,82 @@ def ensure_dataset(cfg: Config, progress: bool = True) -> Path:
     return root
 
 
+def read_records(cfg: Config, root: Path, splits: tuple[str, ...]) -> dict[str, list[VideoRecord]]:
+    """The records of each split in ``splits``, read with the ``data.format`` reader.
+
+    With ``data.meta == ""`` and ``data.meta_holdout > 0`` the meta split is held out of the training
+    split (balanced over caption-topic clusters), and the training split loses those videos whether or
+    not this run uses meta weighting, so that runs with and without it train on the same videos. LVLM
+    captions from ``data.lvlm_captions`` join the training pools.
+    """
+    from mama.data.datasets import read_dataset
+    from mama.data.meta_split import hold_out_balanced
+
+    dc = cfg.data
+    files = {"train": dc.train, "meta": dc.meta, "val": dc.val, "test": dc.test}
+    holdout = not dc.meta and dc.meta_holdout > 0
+    if "meta" in splits and not dc.meta and not holdout:
+        raise ConfigError("the meta split needs data.meta (an annotation file) or data.meta_holdout > 0")
+    videos = Path(dc.videos) if dc.videos else None
+    wanted = set(splits) | ({"train"} if holdout and "meta" in splits else set())
+    records = {
+        name: read_dataset(dc.format, root / files[name], videos)
+        for name in SPLITS
+        if name in wanted and not (name == "meta" and holdout)
+    }
+    if dc.lvlm_captions and "train" in records:
+        for path in dc.lvlm_captions:
+            added, unknown = add_lvlm_captions(records["train"], read_lvlm_captions(path))
+            if unknown:
+                warnings.warn(
+                    f"{path}: {len(unknown)} video id(s) match no training video (e.g. {unknown[:3]}); their captions are not used",
+                    stacklevel=2,
+                )
+            if not added:
+                warnings.warn(f"{path}: no LVLM caption matched a training video", stacklevel=2)
+    if holdout and "train" in records:
+        # A fixed seed, not train.seed: every run on this data (any seed, any variant) holds out the same videos.
+        records["train"], meta = hold_out_balanced(records["train"], dc.meta_holdout, seed=0)
+        if "meta" in splits:
+            records["meta"] = meta
+    return {name: records[name] for name in splits}
+
+
 def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = None, progress: bool = True) -> RunData:
     """Build the tokenizer from the training captions (unless given) and load the requested splits."""
     if cfg.data.frame_size != cfg.model.frame_size:
         raise ConfigError(f"data.frame_size ({cfg.data.frame_size}) != model.frame_size ({cfg.model.frame_size})")
     root = ensure_dataset(cfg, progress)
-    files = {"train": cfg.data.train, "meta": cfg.data.meta, "val": cfg.data.val, "test": cfg.data.test}
-    from mama.data.records import read_jsonl
-
-    records = {name: read_jsonl(root / files[name]) for name in splits}
+    files = {"train": cfg.data.train, "meta": cfg.data.meta or cfg.data.train, "val": cfg.data.val, "test": cfg.data.test}
+    records = read_records(cfg, root, splits)
     if tokenizer is None:
         if "train" not in records:
             raise ValueError("a tokenizer must be given when the train split is not loaded")
         texts = [c.text for r in records["train"] for c in r.captions if c.source in cfg.data.caption_sources]
         tokenizer = create_tokenizer(cfg.model, texts)
-    cached = 2 * cfg.data.num_frames
+    spec = get_spec(cfg.model.name)
+    slots = cfg.data.cached_frames or 2 * cfg.data.num_frames
     loaded = {}
     for name in splits:
         # Only training draws on LVLM captions; meta and evaluation sets stay human-written.
         sources = cfg.data.caption_sources if name == "train" else ("human",)
         loaded[name] = load_clipset(
-            root / files[name], tokenizer, cfg.data.frame_size, cached, sources, records[name], progress
+            name, records[name], tokenizer, cfg.data.frame_size, slots, sources,
+            decode=cfg.data.decode, cache_dir=root / ".cache", annotation=root / files[name],
+            pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std, progress=progress,
         )
     return RunData(tokenizer, loaded)
 
 
-def build_task(cfg: Config, tokenizer: Any) -> RetrievalTask:
+def build_task(cfg: Config, tokenizer: Any, pretrained: bool = True) -> RetrievalTask:
+    """The task with a freshly built model; ``pretrained`` loads the backbone's pretrained weights
+    (when the model has any), which a resumed or loaded run skips: its weights come from a checkpoint."""
     torch.manual_seed(cfg.train.seed)
-    return RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss)
+    model = create_model(cfg.model, tokenizer)
+    load_weights = get_spec(cfg.model.name).load_weights
+    if pretrained and load_weights is not None:
+        load_weights(model, cfg.model)
+    return RetrievalTask(model, cfg.loss)
 
 
 def lr_lambda(step: int, total: int, warmup_frac: float, schedule: str) -> float:
@@ -135,16 +185,24 @@ def lr_lambda(step: int, total: int, warmup_frac: float, schedule: str) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(cfg: Config, task: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    # No weight decay on gains, biases, embeddings' positions or the logit scale (CLIP practice).
-    decay, no_decay = [], []
+def build_optimizer(cfg: Config, task: RetrievalTask) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on matrices only, the pretrained backbone at ``optim.backbone_lr``, and
+    the warm-up + cosine schedule applied to every group."""
+    opt = cfg.optim
+    backbone = tuple(f"model.{prefix}" for prefix in getattr(task.model, "backbone_prefixes", ()))
+    backbone_lr = opt.lr if opt.backbone_lr is None else opt.backbone_lr
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in task.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "pos" in name.split(".")[-1] or "cls" in name else decay).append(p)
-    opt = cfg.optim
+        # No weight decay on gains, biases, embeddings' positions or the logit scale (CLIP practice).
+        no_decay = p.ndim < 2 or "pos" in name.split(".")[-1] or "cls" in name
+        groups.setdefault((name.startswith(backbone) if backbone else False, no_decay), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": params, "weight_decay": 0.0 if no_decay else opt.weight_decay, "lr": backbone_lr if is_backbone else opt.lr}
+            for (is_backbone, no_decay), params in sorted(groups.items())
+        ],
         lr=opt.lr,
         betas=(opt.beta1, opt.beta2),
         eps=opt.eps,
@@ -174,7 +232,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def encode_clipset(task: RetrievalTask, clips: ClipSet, num_frames: int, batch_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+def encode_clipset(
+    task: RetrievalTask, clips: ClipSet, num_frames: int, batch_size: int, precision: str = "fp32", workers: int = 0
+) -> tuple[Tensor, Tensor]:
     """All video embeddings (V, D) and all caption embeddings (C, D) of a clip set, in order.
 
     With several processes each rank encodes a contiguous share and the shares are gathered, so every
@@ -187,7 +247,7 @@ def encode_clipset(task: RetrievalTask, clips: ClipSet, num_frames: int, batch_s
     caption_share = shard_range(len(clips.caption_ids))
     videos, texts = [], []
     with autocast(device, precision):
-        for video in clips.eval_video_batches(batch_size, num_frames, video_share):
+        for video in clips.eval_video_batches(batch_size, num_frames, video_share, workers):
             videos.append(model.encode_video(video.to(device)).float())
         for start in range(caption_share.start, caption_share.stop, batch_size):
             stop = min(start + batch_size, caption_share.stop)
@@ -202,9 +262,12 @@ def encode_clipset(task: RetrievalTask, clips: ClipSet, num_frames: int, batch_s
 
 def evaluate(task: RetrievalTask, clips: ClipSet, cfg: Config) -> dict[str, float]:
     """Retrieval metrics of both directions on a clip set, plus t2v R@1 per concept bucket."""
-    video_emb, text_emb = encode_clipset(task, clips, cfg.data.num_frames, cfg.eval.batch_size, cfg.train.precision)
+    video_emb, text_emb = encode_clipset(task, clips, cfg.data.num_frames, cfg.eval.batch_size, cfg.train.precision, cfg.data.workers)
     t2v_ranks, v2t_ranks = retrieval_ranks(text_emb, video_emb, clips.caption_video, chunk_size=cfg.eval.chunk_size)
     metrics = metrics_from_ranks(t2v_ranks, v2t_ranks)
+    if cfg.eval.dsl:
+        # Labelled dsl_*: re-normalised with statistics of the whole query set (see EvalConfig.dsl).
+        metrics.update(dsl_metrics(text_emb, video_emb, clips.caption_video, chunk_size=cfg.eval.chunk_size))
     buckets = [clips.records[v].meta.get("bucket") for v in clips.caption_video.tolist()]
     if all(b is not None for b in buckets):
         for bucket, value in bucket_recall(t2v_ranks, buckets, k=1).items():
@@ -319,6 +382,26 @@ def _check_batch_sizes(cfg: Config, world: int) -> None:
         raise ConfigError(f"meta.batch_size ({cfg.meta.batch_size}) must be divisible by the world size ({world})")
 
 
+@dataclass
+class _StepBatches:
+    """``step -> (training batch, meta batch or None)`` of this rank: a pure function of the step, so
+    data-loading workers can build batches ahead of the loop without changing them."""
+
+    train_set: ClipSet
+    meta_set: ClipSet | None
+    cfg: Config
+    rows: range
+    meta_rows: range
+
+    def __call__(self, step: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        cfg = self.cfg
+        batch = self.train_set.train_batch(step, cfg.train.batch_size, cfg.data.num_frames, cfg.train.seed, self.rows)
+        meta_batch = None
+        if self.meta_set is not None and cfg.meta.enabled and step % cfg.meta.interval == 0:
+            meta_batch = self.meta_set.random_batch(step, cfg.meta.batch_size, cfg.data.num_frames, cfg.train.seed, self.meta_rows)
+        return batch, meta_batch
+
+
 def train(cfg: Config, data: RunData | None = None, resume: bool = False, max_steps: int | None = None) -> TrainResult:
     """Train ``cfg``; with ``resume`` continue from the newest valid checkpoint in ``cfg.train.out_dir``.
 
@@ -372,7 +455,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     train_set = data.splits["train"]
 
     device = ctx.device
-    task = build_task(cfg, data.tokenizer).to(device)
+    latest = broadcast_object(find_latest_checkpoint(checkpoint_dir) if main and resume else None)
+    task = build_task(cfg, data.tokenizer, pretrained=latest is None).to(device)
     # The real update goes through DDP (gradient all-reduce overlapped with backward). The exact meta
     # step differentiates that same training forward with torch.autograd.grad to explicit inputs,
     # which does not fire DDP's reduction hooks; its meta-batch forward, the first-order probe and
@@ -396,7 +480,6 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
 
     start_step = 0
     if resume:
-        latest = broadcast_object(find_latest_checkpoint(checkpoint_dir) if main else None)
         if latest is not None:
             ckpt = load_checkpoint(latest)
             _check_resumable(ckpt.state["config"], to_dict(cfg), latest)
@@ -424,18 +507,20 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     meta_window: list[float] = []  # meta losses of the meta steps since the last log line
     t_start = time.perf_counter()
     bar = tqdm(range(start_step, end_step), desc=Path(tc.out_dir).name, unit="step", disable=not (tc.progress and main), initial=start_step, total=tc.steps)
-    for step in bar:
+    step_batches = _StepBatches(train_set, meta_set, cfg, rows, meta_rows)
+    batches = map_in_workers(step_batches, range(start_step, end_step), cfg.data.workers)
+    for step, (batch, meta_batch) in zip(bar, batches, strict=True):
         t0 = time.perf_counter()
         task.train()
-        batch = train_set.train_batch(step, tc.batch_size, cfg.data.num_frames, tc.seed, rows)
+        train_set.note_failures(batch.pop("failed"))
         info = torch.stack([batch.pop("video_index"), batch.pop("caption_index")], dim=1)  # (n, 2)
         batch = {k: v.to(device) for k, v in batch.items()}
         micro = _split_batch(batch, accum)
         meta_now = meta is not None and meta.is_meta_step(step)
-        meta_batch = None
-        if meta_now:
+        assert meta_now == (meta_batch is not None)
+        if meta_batch is not None:
             assert meta_set is not None
-            meta_batch = meta_set.random_batch(step, cfg.meta.batch_size, cfg.data.num_frames, tc.seed, meta_rows)
+            meta_set.note_failures(meta_batch.pop("failed"))
             meta_batch = {k: v.to(device) for k, v in meta_batch.items() if k not in ("video_index", "caption_index")}
         exact_meta = meta_now and cfg.meta.method == "exact"
 
@@ -508,6 +593,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if train_set.skipped:
+                record["skipped_videos"] = len(train_set.skipped)
             if scaler.is_enabled():
                 record["grad_scale"] = float(scaler.get_scale())
             if meta is not None:
@@ -579,7 +666,7 @@ def load_trained(path: Path) -> tuple[Config, RetrievalTask, Any, MetaWeighting 
     cfg = from_dict(Config, ckpt.state["config"])
     run_dir = ckpt.path.parent.parent
     tokenizer = get_spec(cfg.model.name).load_tokenizer(cfg.model, run_dir / ckpt.state["tokenizer_dir"])
-    task = RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss)
+    task = build_task(cfg, tokenizer, pretrained=False)
     task.load_state_dict(ckpt.tensors["task"])
     task.eval()
     meta = None

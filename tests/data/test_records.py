@@ -99,3 +99,35 @@ def test_caption_rejects_unknown_source_and_noise() -> None:
         Caption("x", "robot")
     with pytest.raises(ValueError, match="noise"):
         Caption("x", "human", "wrong")
+
+
+def test_lvlm_captions_join_pools_by_id(tmp_path: Path) -> None:
+    from mama.data.records import add_lvlm_captions, read_lvlm_captions
+
+    path = tmp_path / "augment.jsonl"
+    lines = [
+        {"video_id": "v1", "captions": ["a man cooks", "a man cooks"], "model": "llava"},
+        {"video_id": "v9", "captions": ["unknown video"]},
+        {"video_id": "v1", "captions": ["someone is cooking"]},  # a second shard's line for v1
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"video_id": "v2", "capt')  # killed mid-write
+    with pytest.warns(UserWarning, match="truncated last line"):
+        captions = read_lvlm_captions(path)
+    assert captions == {"v1": ["a man cooks", "someone is cooking"], "v9": ["unknown video"]}
+    records = [VideoRecord("v1", tmp_path / "v1.mp4", [Caption("a person prepares food", "human")])]
+    added, unknown = add_lvlm_captions(records, captions)
+    assert (added, unknown) == (2, ["v9"])
+    assert [(c.text, c.source) for c in records[0].captions] == [
+        ("a person prepares food", "human"), ("a man cooks", "lvlm"), ("someone is cooking", "lvlm"),
+    ]  # fmt: skip
+
+
+def test_lvlm_caption_file_errors_name_the_line(tmp_path: Path) -> None:
+    from mama.data.records import read_lvlm_captions
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"video_id": "v1", "captions": "not a list"}\n{"video_id": "v2", "captions": []}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: \"captions\" must be a list"):
+        read_lvlm_captions(path)
+    with pytest.raises(FileNotFoundError, match="LVLM caption file not found"):
+        read_lvlm_captions(tmp_path / "nope.jsonl")

@@ -1,11 +1,12 @@
-"""Data pipeline: the common record type, video decoding/encoding, and the SynthVL benchmark.
+"""Data pipeline: the common record type, dataset readers, video decoding, frame sampling, transforms,
+and the SynthVL benchmark.
 
 Submodules are independent pure parts (style guide, habit 6); import them directly, e.g.
 ``from mama.data.synthvl import generate``. The record type and decoder are re-exported here.
 """
 
 from mama.data.records import Caption, VideoRecord, read_jsonl, write_jsonl
-from mama.data.video import VideoDecodeError, count_frames, decode_frames, write_video
+from mama.data.video import VideoDecodeError, VideoInfo, count_frames, decode_frames, probe_video, write_video
 
 __all__ = [
     "Caption",
@@ -13,6 +14,8 @@ __all__ = [
     "read_jsonl",
     "write_jsonl",
     "VideoDecodeError",
+    "VideoInfo",
+    "probe_video",
     "count_frames",
     "decode_frames",
     "write_video",

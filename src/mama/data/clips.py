@@ -1,9 +1,18 @@
-"""In-memory clip sets: decoded frames plus tokenised caption pools, sampled deterministically.
+"""Clip sets: one split's videos and tokenised caption pools, sampled deterministically.
 
-Small datasets (SynthVL, a few thousand short clips) are decoded once at reduced resolution and
-cached as safetensors next to the annotations, so three training variants in one demo decode nothing
-twice. Every batch is a pure function of ``(seed, step)``: resuming at step k replays exactly the batches
-an uninterrupted run would have seen, with no sampler state to save.
+Frames come from a frame source. Small datasets (SynthVL, a few thousand short clips) are decoded once at
+reduced resolution into a safetensors cache next to the annotations (:class:`CachedFrames`), so three
+training variants in one demo decode nothing twice. Real benchmarks at 224 px do not fit in memory and
+are decoded batch by batch from the files (:class:`StreamedFrames`), optionally in worker processes.
+
+Either way a video offers ``F`` sampling slots spread uniformly over its length; training draws one
+slot per segment, evaluation takes the segment centres. Every batch is a pure function of ``(seed,
+step)``: resuming at step k replays exactly the batches an uninterrupted run would have seen, with no
+sampler state to save.
+
+A video that fails to decode in the middle of a run is never fatal: training replaces it (with its
+caption) by the next good video and reports it; evaluation keeps it with blank frames, so it still
+counts (as a miss, most likely) instead of silently leaving the test set.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +31,29 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mama.data.records import VideoRecord, read_jsonl
-from mama.data.video import VideoDecodeError, count_frames, decode_frames
+from mama.data.records import VideoRecord
+from mama.data.sampling import segment_random_indices, uniform_indices
+from mama.data.transforms import center_crop, normalize
+from mama.data.video import VideoDecodeError, decode_frames, probe_video
 
-# Frames enter the model as (x / 255 - MEAN) / STD per channel.
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.25
-CACHE_VERSION = 1
-
-
-def frames_to_model_input(frames: Tensor) -> Tensor:
-    """uint8 (B, T, H, W, 3) -> float32 (B, T, 3, H, W), normalised."""
-    # (B, T, H, W, 3) -> (B, T, 3, H, W)
-    video = frames.permute(0, 1, 4, 2, 3).float().div_(255.0)
-    return video.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+# Default normalisation (the from-scratch models); pretrained backbones bring their own mean and std.
+PIXEL_MEAN = (0.5, 0.5, 0.5)
+PIXEL_STD = (0.25, 0.25, 0.25)
+CACHE_VERSION = 2
+# A training row whose video fails is replaced by the next video; give up after this many failures in a row.
+MAX_SUBSTITUTIONS = 16
 
 
-def uniform_indices(num_available: int, num_frames: int) -> Tensor:
-    """Centres of ``num_frames`` equal segments of ``range(num_available)`` (repeats when too short)."""
-    positions = (torch.arange(num_frames, dtype=torch.float64) + 0.5) * num_available / num_frames
-    return positions.long().clamp_(0, num_available - 1)
+def frames_to_model_input(frames: Tensor, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD) -> Tensor:
+    """uint8 (B, T, H, W, 3) -> float32 (B, T, 3, H, W), normalised per channel."""
+    return normalize(frames, mean, std)
 
 
-def segment_random_indices(num_available: int, num_frames: int, batch: int, generator: torch.Generator) -> Tensor:
-    """(batch, num_frames) indices: one random frame inside each of ``num_frames`` equal segments."""
-    starts = torch.arange(num_frames, dtype=torch.float64) * num_available / num_frames
-    width = num_available / num_frames
-    jitter = torch.rand(batch, num_frames, generator=generator, dtype=torch.float64) * width
-    return (starts + jitter).long().clamp_(0, num_available - 1)
+def decode_clip(path: Path, indices: Sequence[int], frame_size: int) -> Tensor:
+    """Frames ``indices`` of ``path`` as uint8 (T, S, S, 3): shorter side resized to S while decoding
+    (aspect kept), then the centre S x S crop (CLIP4Clip's preprocessing, for training and evaluation)."""
+    frames = decode_frames(path, indices=indices, short_side=frame_size)
+    return center_crop(frames, frame_size)
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -59,21 +63,78 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 @dataclass
-class ClipSet:
-    """Decoded clips of one split and their caption pools.
+class CachedFrames:
+    """Frames decoded once and held in memory: uint8 ``(V, F, H, W, 3)``, F slots per video."""
+
+    frames: Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.frames.shape[1]
+
+    def clips(self, video_index: Tensor, slot_index: Tensor) -> tuple[Tensor, list[tuple[int, str]]]:
+        """video_index (B,), slot_index (B, T) -> uint8 (B, T, H, W, 3) and no failures."""
+        # (V, F, H, W, 3) gathered at (B, T) -> (B, T, H, W, 3)
+        return self.frames[video_index[:, None], slot_index], []
+
+    def select(self, rows: Tensor) -> CachedFrames:
+        return CachedFrames(self.frames[rows])
+
+
+@dataclass
+class StreamedFrames:
+    """Frames decoded from the files for every batch.
 
     Attributes:
-        records: the kept records (videos that failed to decode are dropped and counted).
-        frames: uint8 (V, F, H, W, 3), F cached frames per video spread uniformly over it.
+        paths: one video file (or frame folder) per video.
+        lengths: frame count of each video (probed when the split was loaded).
+        num_slots: F sampling slots per video, spread uniformly over its frames.
+        frame_size: S, frames come out S x S (shorter side resized, centre crop).
+    """
+
+    paths: list[Path]
+    lengths: list[int]
+    num_slots: int
+    frame_size: int
+
+    def clips(self, video_index: Tensor, slot_index: Tensor) -> tuple[Tensor, list[tuple[int, str]]]:
+        """video_index (B,), slot_index (B, T) -> uint8 (B, T, S, S, 3) and the failed ``(row, error)``s,
+        whose rows are left blank."""
+        out = torch.zeros(*slot_index.shape, self.frame_size, self.frame_size, 3, dtype=torch.uint8)
+        failed = []
+        for row, (video, slots) in enumerate(zip(video_index.tolist(), slot_index, strict=True)):
+            frame_index = uniform_indices(self.lengths[video], self.num_slots)[slots]
+            try:
+                out[row] = decode_clip(self.paths[video], frame_index.tolist(), self.frame_size)
+            except VideoDecodeError as exc:
+                failed.append((row, str(exc)))
+        return out, failed
+
+    def select(self, rows: Tensor) -> StreamedFrames:
+        keep = rows.tolist()
+        return StreamedFrames([self.paths[i] for i in keep], [self.lengths[i] for i in keep], self.num_slots, self.frame_size)
+
+
+FrameSource = CachedFrames | StreamedFrames
+
+
+@dataclass
+class ClipSet:
+    """Videos of one split and their caption pools.
+
+    Attributes:
+        records: the kept records (videos that could not be opened are dropped and counted).
+        source: where frames come from (in-memory cache or the files), F slots per video.
         caption_ids, caption_mask: (C, L) tokenised captions of all pools, concatenated.
         pool_start, pool_size: (V,) each video's slice of the caption arrays.
         caption_video: (C,) index of each caption's video.
-        caption_source, caption_noise: per caption, strings.
-        skipped: paths of videos that could not be decoded, with the error.
+        caption_source, caption_noise, caption_text: per caption, strings.
+        skipped: "path: error" of every video that could not be used, at load time or during the run.
+        pixel_mean, pixel_std: per-channel normalisation of the model (its registry spec).
     """
 
     records: list[VideoRecord]
-    frames: Tensor
+    source: FrameSource
     caption_ids: Tensor
     caption_mask: Tensor
     pool_start: Tensor
@@ -83,28 +144,79 @@ class ClipSet:
     caption_noise: list[str]
     caption_text: list[str]
     skipped: list[str]
+    pixel_mean: tuple[float, ...] = PIXEL_MEAN
+    pixel_std: tuple[float, ...] = PIXEL_STD
+    # Videos that failed during this process's run; never drawn again as substitutes.
+    _bad: set[int] = field(default_factory=set, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
-    def num_cached_frames(self) -> int:
-        return self.frames.shape[1]
+    def num_slots(self) -> int:
+        return self.source.num_slots
 
-    def batch(self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor, rows: range | None = None) -> dict[str, Any]:
-        """Assemble a model batch. video_index (B,), caption_index (B,), frame_index (B, T); ``rows``
-        keeps only those rows (this rank's share), so the others are never assembled."""
+    def note_failures(self, messages: Sequence[str]) -> None:
+        """Record videos that failed elsewhere (e.g. in a data-loading worker process), once each."""
+        for message in messages:
+            if message not in self.skipped:
+                self.skipped.append(message)
+
+    def _fail(self, video: int, error: str) -> str:
+        message = error if error.startswith(str(self.records[video].video)) else f"{self.records[video].video}: {error}"
+        if video not in self._bad:
+            self._bad.add(video)
+            warnings.warn(f"skipping video {message}", stacklevel=3)
+            self.skipped.append(message)
+        return message
+
+    def batch(
+        self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor, rows: range | None = None, substitute: bool = True
+    ) -> dict[str, Any]:
+        """Assemble a model batch. video_index (B,), caption_index (B,), frame_index (B, T) slots; ``rows``
+        keeps only those rows (this rank's share), so the others are never decoded.
+
+        A row whose video fails to decode is replaced by the next good video with its caption at the
+        same pool position (``substitute``), or kept with blank frames. ``failed`` lists the failures."""
         if rows is not None:
             video_index, caption_index, frame_index = (t[rows.start : rows.stop] for t in (video_index, caption_index, frame_index))
-        # (B, F, H, W, 3) gathered at (B, T) -> (B, T, H, W, 3)
-        clips = self.frames[video_index[:, None], frame_index]
+        video_index, caption_index = video_index.clone(), caption_index.clone()
+        clips, failed = self.source.clips(video_index, frame_index)
+        messages = []
+        for _ in range(MAX_SUBSTITUTIONS):
+            if not failed:
+                break
+            retry = []
+            for row, error in failed:
+                messages.append(self._fail(int(video_index[row]), error))
+                if substitute:
+                    video = self._next_good(int(video_index[row]))
+                    pick = int(caption_index[row] - self.pool_start[video_index[row]]) % int(self.pool_size[video])
+                    video_index[row], caption_index[row] = video, self.pool_start[video] + pick
+                    retry.append(row)
+            if not retry:
+                break
+            rows_t = torch.tensor(retry)
+            again, failed_again = self.source.clips(video_index[rows_t], frame_index[rows_t])
+            clips[rows_t] = again
+            failed = [(retry[i], error) for i, error in failed_again]
+        else:
+            raise RuntimeError(f"{MAX_SUBSTITUTIONS} videos in a row failed to decode; last: {messages[-1]}")
         return {
-            "video": frames_to_model_input(clips),
+            "video": frames_to_model_input(clips, self.pixel_mean, self.pixel_std),
             "input_ids": self.caption_ids[caption_index],
             "attention_mask": self.caption_mask[caption_index],
             "video_index": video_index,
             "caption_index": caption_index,
+            "failed": messages,
         }
+
+    def _next_good(self, video: int) -> int:
+        for offset in range(1, len(self) + 1):
+            candidate = (video + offset) % len(self)
+            if candidate not in self._bad:
+                return candidate
+        raise RuntimeError("every video of the split failed to decode")
 
     def train_batch(
         self, step: int, batch_size: int, num_frames: int, seed: int, rows: range | None = None
@@ -123,7 +235,7 @@ class ClipSet:
         g = _generator(seed, 1, step)
         pick = (torch.rand(batch_size, generator=g) * self.pool_size[video_index]).long()
         caption_index = self.pool_start[video_index] + pick
-        frame_index = segment_random_indices(self.num_cached_frames, num_frames, batch_size, g)
+        frame_index = segment_random_indices(self.num_slots, num_frames, batch_size, g)
         return self.batch(video_index, caption_index, frame_index, rows)
 
     def random_batch(
@@ -134,19 +246,61 @@ class ClipSet:
         g = _generator(seed, 2, step)
         video_index = torch.randperm(len(self), generator=g)[:batch_size]
         pick = (torch.rand(len(video_index), generator=g) * self.pool_size[video_index]).long()
-        frame_index = segment_random_indices(self.num_cached_frames, num_frames, len(video_index), g)
+        frame_index = segment_random_indices(self.num_slots, num_frames, len(video_index), g)
         caption_index = self.pool_start[video_index] + pick
         return self.batch(video_index, caption_index, frame_index, rows)
 
-    def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None) -> Any:
-        """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order,
-        uniformly sampled frames."""
-        frame_index = uniform_indices(self.num_cached_frames, num_frames)
+    def eval_video_batch(self, start: int, stop: int, num_frames: int) -> dict[str, Any]:
+        """Model input (B, T, 3, H, W) of videos ``start:stop``, uniformly sampled; a video that fails
+        keeps blank frames (it stays in the evaluation) and is listed in ``failed``."""
+        video_index = torch.arange(start, stop)
+        frame_index = uniform_indices(self.num_slots, num_frames).expand(len(video_index), -1)
+        batch = self.batch(video_index, self.pool_start[video_index], frame_index, substitute=False)
+        return {"video": batch["video"], "failed": batch["failed"]}
+
+    def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None, workers: int = 0) -> Any:
+        """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order."""
         videos = range(len(self)) if videos is None else videos
-        for start in range(videos.start, videos.stop, batch_size):
-            stop = min(start + batch_size, videos.stop)
-            # (B, F, H, W, 3) -> (B, T, H, W, 3)
-            yield frames_to_model_input(self.frames[start:stop][:, frame_index])
+        starts = list(range(videos.start, videos.stop, batch_size))
+        jobs = [(start, min(start + batch_size, videos.stop), num_frames) for start in starts]
+        for batch in map_in_workers(_EvalBatch(self), jobs, workers):
+            self.note_failures(batch["failed"])
+            yield batch["video"]
+
+
+@dataclass
+class _EvalBatch:
+    clips: ClipSet
+
+    def __call__(self, job: tuple[int, int, int]) -> dict[str, Any]:
+        return self.clips.eval_video_batch(*job)
+
+
+class _MapDataset(torch.utils.data.Dataset):
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any]):
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.fn(self.items[i])
+
+
+def _one_thread(_: int) -> None:
+    # Two CPU-heavy processes per core collapse throughput; decoding parallelism comes from the workers.
+    torch.set_num_threads(1)
+
+
+def map_in_workers(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Any:
+    """Yield ``fn(item)`` for every item in order, computed in ``workers`` processes (0: here)."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    loader = torch.utils.data.DataLoader(
+        _MapDataset(fn, items), batch_size=None, shuffle=False, num_workers=workers, worker_init_fn=_one_thread, prefetch_factor=2
+    )
+    yield from loader
 
 
 def _file_key(path: Path) -> str:
@@ -154,38 +308,64 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _probe_all(records: list[VideoRecord], desc: str, progress: bool) -> tuple[list[int], list[int], list[str]]:
+    """Open every video's header: the kept record indices, their frame counts, and the failures."""
+    kept, lengths, skipped = [], [], []
+    for i, record in enumerate(tqdm(records, desc=desc, unit="video", disable=not progress, leave=False)):
+        try:
+            info = probe_video(record.video)
+            if info.num_frames <= 0:
+                raise VideoDecodeError(f"{record.video}: no frames")
+        except VideoDecodeError as exc:
+            warnings.warn(f"skipping video {exc}", stacklevel=2)
+            skipped.append(str(exc))
+            continue
+        kept.append(i)
+        lengths.append(info.num_frames)
+    return kept, lengths, skipped
+
+
 def _decode_all(records: list[VideoRecord], frame_size: int, cached_frames: int, desc: str, progress: bool) -> tuple[list[int], list[Tensor], list[str]]:
     kept, clips, skipped = [], [], []
     for i, record in enumerate(tqdm(records, desc=desc, unit="video", disable=not progress, leave=False)):
         try:
-            total = count_frames(record.video)
+            total = probe_video(record.video).num_frames
             if total <= 0:
                 raise VideoDecodeError(f"{record.video}: no frames")
-            indices = uniform_indices(total, cached_frames).tolist()
-            clip = decode_frames(record.video, size=(frame_size, frame_size), indices=indices)
-            if clip.shape[0] != cached_frames:
-                raise VideoDecodeError(f"{record.video}: decoded {clip.shape[0]} of {cached_frames} frames")
+            clip = decode_clip(record.video, uniform_indices(total, cached_frames).tolist(), frame_size)
         except VideoDecodeError as exc:
-            warnings.warn(f"skipping video {record.video}: {exc}", stacklevel=2)
-            skipped.append(f"{record.video}: {exc}")
+            warnings.warn(f"skipping video {exc}", stacklevel=2)
+            skipped.append(str(exc))
             continue
         kept.append(i)
         clips.append(clip)
     return kept, clips, skipped
 
 
+def _cache_key(name: str, records: list[VideoRecord], frame_size: int, cached_frames: int, annotation: Path | None) -> tuple[str, str]:
+    """(key stored in the cache, short hash for its file name): the split's videos, in order, with their
+    file identities where they exist, the frame size and count."""
+    digest = hashlib.blake2b(digest_size=16)
+    for record in records:
+        digest.update(f"{record.id}\0{record.video}\0".encode())
+    ids = digest.hexdigest()
+    key = json.dumps([CACHE_VERSION, name, ids, _file_key(annotation) if annotation and annotation.exists() else "", frame_size, cached_frames])
+    return key, hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+
+
 def load_frames(
-    jsonl: Path, records: list[VideoRecord], frame_size: int, cached_frames: int, progress: bool = True
+    cache_dir: Path, name: str, records: list[VideoRecord], frame_size: int, cached_frames: int,
+    progress: bool = True, annotation: Path | None = None,
 ) -> tuple[list[int], Tensor, list[str]]:
     """Decode (or load from cache) ``cached_frames`` frames of every record at ``frame_size``.
 
     Returns the indices of the records kept, frames uint8 (V, F, H, W, 3), and the skipped videos.
-    The cache lives in ``<jsonl folder>/.cache`` and is keyed by the annotation file's identity, the
-    frame size and count; it is rewritten atomically.
+    The cache ``cache_dir/<name>_<hash>.safetensors`` is keyed by the split's videos (and the annotation
+    file's identity), the frame size and count, and written atomically; a folder that cannot be
+    written only costs the cache, with a warning.
     """
-    cache_dir = jsonl.parent / ".cache"
-    key = json.dumps([CACHE_VERSION, _file_key(jsonl), frame_size, cached_frames])
-    cache = cache_dir / f"{jsonl.stem}_{frame_size}px_{cached_frames}f.safetensors"
+    key, short = _cache_key(name, records, frame_size, cached_frames, annotation)
+    cache = cache_dir / f"{name}_{frame_size}px_{cached_frames}f_{short}.safetensors"
     if cache.exists():
         try:
             from safetensors import safe_open
@@ -197,40 +377,70 @@ def load_frames(
                 return tensors["kept"].tolist(), tensors["frames"], json.loads(meta["skipped"])
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"ignoring unreadable frame cache {cache}: {exc}", stacklevel=2)
-    kept, clips, skipped = _decode_all(records, frame_size, cached_frames, f"decode {jsonl.name}", progress)
+    kept, clips, skipped = _decode_all(records, frame_size, cached_frames, f"decode {name}", progress)
     if not clips:
-        raise ValueError(f"{jsonl}: none of the {len(records)} videos could be decoded")
+        raise ValueError(f"{name}: none of the {len(records)} videos could be decoded")
     frames = torch.stack(clips)
-    cache_dir.mkdir(exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    save_file(
-        {"frames": frames.contiguous(), "kept": torch.tensor(kept, dtype=torch.long)},
-        str(tmp),
-        metadata={"key": key, "skipped": json.dumps(skipped)},
-    )
-    tmp.replace(cache)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"frames": frames.contiguous(), "kept": torch.tensor(kept, dtype=torch.long)},
+            str(tmp),
+            metadata={"key": key, "skipped": json.dumps(skipped)},
+        )
+        tmp.replace(cache)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot write the frame cache {cache} ({exc}); decoding again next time", stacklevel=2)
     return kept, frames, skipped
 
 
 def load_clipset(
-    jsonl: Path,
+    name: str,
+    records: list[VideoRecord],
     tokenize: Callable[[list[str]], tuple[Tensor, Tensor]],
     frame_size: int,
-    cached_frames: int,
+    num_slots: int,
     caption_sources: Sequence[str] = ("human", "lvlm"),
-    records: list[VideoRecord] | None = None,
+    decode: str = "cache",
+    cache_dir: Path | None = None,
+    annotation: Path | None = None,
+    pixel_mean: Sequence[float] = PIXEL_MEAN,
+    pixel_std: Sequence[float] = PIXEL_STD,
     progress: bool = True,
 ) -> ClipSet:
-    """Read a JSONL split, decode its videos and tokenise the captions of the chosen sources."""
-    jsonl = Path(jsonl)
-    records = read_jsonl(jsonl) if records is None else records
-    kept, frames, skipped = load_frames(jsonl, records, frame_size, cached_frames, progress)
-    texts, sources, noises, starts, sizes, owners, kept_records, kept_frames = [], [], [], [], [], [], [], []
+    """Open the videos of one split and tokenise the captions of the chosen sources.
+
+    Args:
+        name: split name, for messages and the cache file.
+        records: the split's records.
+        tokenize: ``texts -> (input_ids, attention_mask)``.
+        frame_size: S, frames are S x S (shorter side resized, centre crop).
+        num_slots: F, frames cached per video (``decode="cache"``) or sampling slots (``"stream"``).
+        caption_sources: which caption sources enter the pools.
+        decode: "cache" (decode once, keep in memory, cache on disk in ``cache_dir``) or "stream"
+            (probe the headers now, decode every batch).
+        annotation: the annotation file, whose identity keys the cache.
+    """
+    if decode == "cache":
+        if cache_dir is None:
+            raise ValueError("decode='cache' needs a cache_dir")
+        kept, frames, skipped = load_frames(cache_dir, name, records, frame_size, num_slots, progress, annotation)
+        source: FrameSource = CachedFrames(frames)
+    elif decode == "stream":
+        kept, lengths, skipped = _probe_all(records, f"probe {name}", progress)
+        if not kept:
+            raise ValueError(f"{name}: none of the {len(records)} videos could be opened")
+        source = StreamedFrames([records[i].video for i in kept], lengths, num_slots, frame_size)
+    else:
+        raise ValueError(f"data.decode must be 'cache' or 'stream', got {decode!r}")
+    texts, sources, noises, starts, sizes, owners, kept_records, kept_rows = [], [], [], [], [], [], [], []
     for row, index in enumerate(kept):
         record = records[index]
         pool = [c for c in record.captions if c.source in caption_sources]
         if not pool:
-            warnings.warn(f"{jsonl}: video {record.id} has no caption from sources {list(caption_sources)}; skipped", stacklevel=2)
+            warnings.warn(f"{name}: video {record.id} has no caption from sources {list(caption_sources)}; skipped", stacklevel=2)
             skipped.append(f"{record.video}: no caption from {list(caption_sources)}")
             continue
         starts.append(len(texts))
@@ -240,13 +450,15 @@ def load_clipset(
         sources.extend(c.source for c in pool)
         noises.extend(c.noise for c in pool)
         kept_records.append(record)
-        kept_frames.append(row)
+        kept_rows.append(row)
     if not kept_records:
-        raise ValueError(f"{jsonl}: no usable video (decoded and captioned)")
+        raise ValueError(f"{name}: no usable video (decoded and captioned)")
+    if len(kept_rows) != len(kept):
+        source = source.select(torch.tensor(kept_rows))
     ids, mask = tokenize(texts)
     return ClipSet(
         records=kept_records,
-        frames=frames[torch.tensor(kept_frames)] if len(kept_frames) != len(frames) else frames,
+        source=source,
         caption_ids=ids,
         caption_mask=mask,
         pool_start=torch.tensor(starts),
@@ -256,4 +468,6 @@ def load_clipset(
         caption_noise=noises,
         caption_text=texts,
         skipped=skipped,
+        pixel_mean=tuple(pixel_mean),
+        pixel_std=tuple(pixel_std),
     )

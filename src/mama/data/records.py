@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,9 @@ __all__ = [
     "NOISE_KINDS",
     "Caption",
     "VideoRecord",
+    "add_lvlm_captions",
     "read_jsonl",
+    "read_lvlm_captions",
     "write_jsonl",
 ]
 
@@ -196,3 +199,57 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_lvlm_captions(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Read the captions of a ``mama augment`` output file: ``{video_id: [caption, ...]}``.
+
+    One JSON object per line with at least ``"video_id"`` and ``"captions"`` (a list of strings); other
+    keys (model, prompt, generation settings, keyframes) are ignored here. A video listed on several
+    lines (e.g. merged shards) gets the captions of all of them, without duplicates. A truncated last
+    line (a job killed mid-write) is skipped with a warning; any other bad line is an error naming the
+    file and line.
+    """
+    path = Path(path)
+    captions: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: LVLM caption file not found") from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            if line_no == len(lines):
+                warnings.warn(f"{path}:{line_no}: ignoring a truncated last line ({err})", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from err
+        video_id, texts = (obj.get("video_id"), obj.get("captions")) if isinstance(obj, dict) else (None, None)
+        if not isinstance(video_id, str) or not video_id:
+            raise ValueError(f'{path}:{line_no}: missing or empty "video_id"')
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f'{path}:{line_no}: "captions" must be a list of strings')
+        pool = captions.setdefault(video_id, [])
+        pool.extend(t.strip() for t in texts if t.strip() and t.strip() not in pool)
+    return captions
+
+
+def add_lvlm_captions(records: list[VideoRecord], captions: Mapping[str, list[str]]) -> tuple[int, list[str]]:
+    """Append LVLM captions to the pools of ``records`` (matched by id) with source ``"lvlm"``, in place.
+
+    Returns the number of captions added and the ids in ``captions`` that match no record (reported
+    by the caller: usually a wrong file or a different split).
+    """
+    by_id = {r.id: r for r in records}
+    added = 0
+    for video_id, texts in captions.items():
+        record = by_id.get(video_id)
+        if record is None:
+            continue
+        present = {c.text for c in record.captions}
+        new = [Caption(text=t, source="lvlm") for t in texts if t not in present]
+        record.captions.extend(new)
+        added += len(new)
+    return added, sorted(set(captions) - set(by_id))
