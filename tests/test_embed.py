@@ -99,3 +99,19 @@ def test_embedding_a_folder_is_resumable_and_skips_bad_videos(trained: dict[str,
     assert str(bad) in (tmp_path / "index" / "failed.txt").read_text()
     reference, _ = real(encoder, [p for _, p in videos if p != bad])
     torch.testing.assert_close(emb, reference)
+
+
+def test_clip_encoder_uses_the_models_own_width(tiny_clip_dir: Path, tiny_synthvl: Path, tmp_path: Path) -> None:
+    """CLIP's embedding width is its projection size (16 here), whatever model.embed_dim says."""
+    from mama.config import ModelConfig
+    from mama.models import create_model, create_tokenizer, save_pretrained
+
+    cfg = ModelConfig(name="clip", pretrained=str(tiny_clip_dir), frame_size=32, max_frames=4, max_text_length=16)
+    assert cfg.embed_dim != 16
+    tokenizer = create_tokenizer(cfg, [])
+    save_pretrained(tmp_path / "clip", cfg, create_model(cfg, tokenizer), tokenizer, extra={"data": {"num_frames": 4}})
+    encoder = Encoder.from_pretrained(tmp_path / "clip")
+    paths = sorted((tiny_synthvl / "videos").rglob("*.mp4"))[:3]
+    videos, failed = encoder.encode_videos(paths, batch_size=2)
+    assert failed == [] and videos.shape == (3, 16) and torch.isfinite(videos).all()
+    assert encoder.encode_texts(["a red circle"]).shape == (1, 16) and encoder.encode_texts([]).shape == (0, 16)

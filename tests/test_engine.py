@@ -296,3 +296,17 @@ def test_demo_refuses_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch, tm
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
     assert "mama.cli train --config configs/synthvl_mama.yaml" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_resume_accepts_a_checkpoint_written_before_new_config_keys(tmp_path: Path) -> None:
+    from mama.config import to_dict
+    from mama.engine import _check_resumable
+
+    current = to_dict(Config())
+    older = to_dict(Config())
+    del older["data"]["format"], older["optim"]["backbone_lr"], older["eval"]["dsl"]  # keys added later
+    _check_resumable(older, current, tmp_path)
+    worker_change = to_dict(load_config(None, ["data.workers=4", "eval.dsl=true"]))
+    _check_resumable(older, worker_change, tmp_path)  # where batches are built does not change them
+    with pytest.raises(ConfigError, match="data.format: 'jsonl' -> 'msrvtt'"):
+        _check_resumable(older, to_dict(load_config(None, ["data.format=msrvtt"])), tmp_path)

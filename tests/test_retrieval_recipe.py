@@ -121,8 +121,11 @@ def test_msrvtt_recipe_trains_and_evaluates_with_tiny_clip(
     assert metrics["skipped_videos"]["train"] + metrics["skipped_videos"]["meta"] == 2
     assert metrics["skipped_videos"]["test"] == 0
     assert metrics["num_videos"] == 4 and metrics["num_queries"] == 4  # 1k-A: one query per test video
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
     assert [r["step"] for r in log] == [1, 2, 3]
+    epochs = [r for r in lines if "epoch" in r]  # the epoch summaries count the skipped videos
+    assert epochs and sum(epochs[-1]["skipped_videos"].values()) == 2
     assert all(np.isfinite(r["loss"]) for r in log)
     assert any("lvlm" in r["weight_by_source"] for r in log), "LVLM captions joined the training pools"
 
@@ -156,13 +159,55 @@ def _final_weights(run: Path) -> dict[str, Any]:
     return load_checkpoint(run / "checkpoints").tensors["task"]
 
 
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    import av
+
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")) + codec.encode(None)
+    path.write_bytes(b"".join(bytes(p) for p in packets))
+
+
 def test_stream_decoding_workers_give_the_same_training(tiny_synthvl: Path, tiny_overrides: Any, tmp_path: Path) -> None:
-    """Decoding in worker processes changes where batches are built, not what they hold."""
-    runs = {}
+    """Decoding in worker processes changes where batches are built, not what they hold, including
+    the replacement of videos that break mid-run and how they are counted."""
+    from mama.data.clips import _generator
+    from mama.data.video import decode_frames
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synthvl, root, ignore=shutil.ignore_patterns(".cache"))
+    lines = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    # Two videos of the first batch become frame folders whose frames after the first are corrupt: they
+    # pass the check when the split loads and fail when a batch decodes them.
+    first_batch = torch.randperm(len(lines), generator=_generator(0, 0, 0))[:16].tolist()
+    broken = []
+    for index in first_batch[:2]:
+        folder = root / "videos" / f"broken_{index}"
+        folder.mkdir()
+        for t, rgb in enumerate(decode_frames(root / lines[index]["video"]).numpy()):
+            if t == 0:
+                _write_png(folder / f"frame_{t:03d}.png", rgb)
+            else:
+                (folder / f"frame_{t:03d}.png").write_bytes(b"not a png")
+        lines[index]["video"] = f"videos/broken_{index}"
+        broken.append(folder)
+    (root / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    runs, skipped = {}, {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        cfg = load_config(None, tiny_overrides(tiny_synthvl, out) + ["data.decode=stream", f"data.workers={workers}", "train.steps=3"])
-        train(cfg)
+        cfg = load_config(None, tiny_overrides(root, out) + ["data.decode=stream", f"data.workers={workers}", "train.steps=3"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(cfg)
+        if workers == 0:  # worker processes warn in their own stderr
+            for folder in broken:
+                # Caught mid-run (the load-time probe reads the intact first frame), by the decoder.
+                assert any(f"skipping video {folder}" in str(w.message) and "cannot decode frame image" in str(w.message) for w in caught), [
+                    str(w.message) for w in caught
+                ]
         runs[workers] = _final_weights(out)
+        skipped[workers] = json.loads((out / "metrics.json").read_text())["skipped_videos"]
+    assert skipped[0] == skipped[2] == {"train": 2, "val": 0, "test": 0}
     for name, value in runs[0].items():
         assert torch.equal(value, runs[2][name]), name

@@ -18,6 +18,7 @@ re-run with the same arguments reuses the finished parts and loses at most the p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -73,6 +74,13 @@ class Encoder:
     num_slots: int  # sampling slots per video (data.cached_frames), which fix where the frames fall
     source: str = ""  # where it was loaded from
 
+    @functools.cached_property
+    def dim(self) -> int:
+        """Embedding width D (what the model returns; e.g. CLIP's projection size, not model.embed_dim)."""
+        ids, mask = self.tokenizer(["a"])
+        with torch.no_grad():
+            return int(self.model.encode_text(ids.to(self.device), mask.to(self.device)).shape[1])
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -108,7 +116,7 @@ class Encoder:
         for start in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(list(texts[start : start + batch_size]))
             out.append(self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model_cfg.embed_dim)
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     @torch.no_grad()
     def encode_videos(
@@ -121,7 +129,7 @@ class Encoder:
         """
         spec = get_spec(self.model_cfg.name)
         reader = _ClipReader(self.num_frames, self.model_cfg.frame_size, self.num_slots)
-        rows = torch.full((len(paths), self.model_cfg.embed_dim), float("nan"))
+        rows = torch.full((len(paths), self.dim), float("nan"))
         failed: list[str] = []
         pending: list[tuple[int, Tensor]] = []
 
@@ -197,7 +205,7 @@ def build_index(
             _write_atomic(part_file, {"embeddings": emb})
         embeddings.append(emb)
         failed.extend(errors)
-    all_emb = torch.cat(embeddings) if embeddings else torch.zeros(0, encoder.model_cfg.embed_dim)
+    all_emb = torch.cat(embeddings) if embeddings else torch.zeros(0, encoder.dim)
     ok = ~torch.isnan(all_emb).any(dim=1)
     kept = [{"id": vid, "video": str(path)} for (vid, path), good in zip(videos, ok.tolist(), strict=True) if good]
     _write_atomic(out / "videos.safetensors", {"embeddings": all_emb[ok]}, kept)

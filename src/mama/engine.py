@@ -37,7 +37,16 @@ from mama.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkp
 from mama.config import Config, ConfigError, from_dict, save_config, to_dict
 from mama.data.clips import ClipSet, load_clipset, map_in_workers
 from mama.data.records import VideoRecord, add_lvlm_captions, read_lvlm_captions
-from mama.distributed import DistContext, barrier, broadcast_object, cleanup, gather_rows, init_distributed, shard_range
+from mama.distributed import (
+    DistContext,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    cleanup,
+    gather_rows,
+    init_distributed,
+    shard_range,
+)
 from mama.metrics import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_ranks
 from mama.models import create_model, create_tokenizer, get_spec
 from mama.precision import autocast, grad_scaler
@@ -354,11 +363,15 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
     stays the same (up to floating-point summation order).
     """
     free = {("train", k) for k in ("progress", "overwrite", "log_every", "eval_every", "checkpoint_every", "keep_last", "log_weights_every", "threads", "out_dir", "accum_steps", "device")}
+    free |= {("data", "workers"), ("eval", "dsl"), ("eval", "batch_size"), ("eval", "chunk_size")}
+    # Keys added to the config after the checkpoint was written take their defaults, which reproduce
+    # the behaviour of the version that wrote it.
+    saved = to_dict(from_dict(Config, saved))
     changed = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
         for section, values in current.items()
         for key, value in values.items()
-        if (section, key) not in free and saved.get(section, {}).get(key) != value
+        if (section, key) not in free and saved[section][key] != value
     ]
     if changed:
         raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(changed)})")
@@ -380,6 +393,17 @@ def _check_batch_sizes(cfg: Config, world: int) -> None:
         )
     if cfg.meta.enabled and cfg.meta.batch_size % world:
         raise ConfigError(f"meta.batch_size ({cfg.meta.batch_size}) must be divisible by the world size ({world})")
+
+
+def _merge_failures(data: RunData) -> dict[str, int]:
+    """Share the mid-run decode failures of every rank (collective: all ranks call it at the same
+    step) and return the skipped-video count of each split."""
+    per_rank = all_gather_object({name: dict(split.failed) for name, split in data.splits.items()})
+    for failures in per_rank:
+        assert isinstance(failures, dict)
+        for name, split in data.splits.items():
+            split.note_failures(failures[name])
+    return data.skipped
 
 
 @dataclass
@@ -507,6 +531,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     meta_window: list[float] = []  # meta losses of the meta steps since the last log line
     t_start = time.perf_counter()
     bar = tqdm(range(start_step, end_step), desc=Path(tc.out_dir).name, unit="step", disable=not (tc.progress and main), initial=start_step, total=tc.steps)
+    steps_per_epoch = len(train_set) // tc.batch_size
     step_batches = _StepBatches(train_set, meta_set, cfg, rows, meta_rows)
     batches = map_in_workers(step_batches, range(start_step, end_step), cfg.data.workers)
     for step, (batch, meta_batch) in zip(bar, batches, strict=True):
@@ -515,6 +540,8 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
         train_set.note_failures(batch.pop("failed"))
         info = torch.stack([batch.pop("video_index"), batch.pop("caption_index")], dim=1)  # (n, 2)
         batch = {k: v.to(device) for k, v in batch.items()}
+        # Frames travel as uint8 (from the data workers too) and are normalised on the device.
+        batch["video"] = train_set.to_model_input(batch.pop("frames"))
         micro = _split_batch(batch, accum)
         meta_now = meta is not None and meta.is_meta_step(step)
         assert meta_now == (meta_batch is not None)
@@ -522,6 +549,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             assert meta_set is not None
             meta_set.note_failures(meta_batch.pop("failed"))
             meta_batch = {k: v.to(device) for k, v in meta_batch.items() if k not in ("video_index", "caption_index")}
+            meta_batch["video"] = meta_set.to_model_input(meta_batch.pop("frames"))
         exact_meta = meta_now and cfg.meta.method == "exact"
 
         # 1. Per-sample losses of this rank's rows against the global batch. Without accumulation they
@@ -593,8 +621,9 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            if train_set.skipped:
-                record["skipped_videos"] = len(train_set.skipped)
+            skipped = _merge_failures(data)
+            if any(skipped.values()):
+                record["skipped_videos"] = skipped
             if scaler.is_enabled():
                 record["grad_scale"] = float(scaler.get_scale())
             if meta is not None:
@@ -620,6 +649,9 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
                     "weight": [round(v, 6) for v in global_weights.tolist()],
                 }
             )
+        if done % steps_per_epoch == 0:
+            # Epoch summary: which videos could not be used so far (load time and mid-run, every rank).
+            log.write({"step": done, "epoch": done // steps_per_epoch, "skipped_videos": _merge_failures(data)})
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
             val = evaluate(task, data.splits["val"], cfg)
             log.write({"step": done, "split": "val", **val})
@@ -635,6 +667,7 @@ def _train(cfg: Config, ctx: DistContext, data: RunData | None, resume: bool, ma
     finished_before = broadcast_object((out_dir / "metrics.json").exists() if main else None)
     if end_step == tc.steps and (step_times or not finished_before):
         metrics = evaluate(task, data.splits[cfg.eval.split], cfg)
+        _merge_failures(data)
         summary = {
             "split": cfg.eval.split,
             "steps": tc.steps,

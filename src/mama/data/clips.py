@@ -40,8 +40,9 @@ from mama.data.video import VideoDecodeError, decode_frames, probe_video
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.25, 0.25, 0.25)
 CACHE_VERSION = 2
-# A training row whose video fails is replaced by the next video; give up after this many failures in a row.
-MAX_SUBSTITUTIONS = 16
+# A training row whose video fails is replaced by another video; give up after this many rounds of failed
+# replacements (random picks: only a mostly broken dataset gets there).
+MAX_SUBSTITUTIONS = 32
 
 
 def frames_to_model_input(frames: Tensor, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD) -> Tensor:
@@ -103,12 +104,25 @@ class StreamedFrames:
         out = torch.zeros(*slot_index.shape, self.frame_size, self.frame_size, 3, dtype=torch.uint8)
         failed = []
         for row, (video, slots) in enumerate(zip(video_index.tolist(), slot_index, strict=True)):
-            frame_index = uniform_indices(self.lengths[video], self.num_slots)[slots]
             try:
-                out[row] = decode_clip(self.paths[video], frame_index.tolist(), self.frame_size)
+                out[row] = self._decode(video, slots)
             except VideoDecodeError as exc:
                 failed.append((row, str(exc)))
         return out, failed
+
+    def _decode(self, video: int, slots: Tensor) -> Tensor:
+        frame_index = uniform_indices(self.lengths[video], self.num_slots)[slots]
+        try:
+            return decode_clip(self.paths[video], frame_index.tolist(), self.frame_size)
+        except VideoDecodeError:
+            # Container headers can overstate the decodable frames (edit lists, a cut tail): count them
+            # once and retry, instead of treating a good video as broken.
+            exact = probe_video(self.paths[video], exact=True).num_frames
+            if not 0 < exact < self.lengths[video]:
+                raise
+            self.lengths[video] = exact
+            frame_index = uniform_indices(exact, self.num_slots)[slots]
+            return decode_clip(self.paths[video], frame_index.tolist(), self.frame_size)
 
     def select(self, rows: Tensor) -> StreamedFrames:
         keep = rows.tolist()
@@ -146,7 +160,8 @@ class ClipSet:
     skipped: list[str]
     pixel_mean: tuple[float, ...] = PIXEL_MEAN
     pixel_std: tuple[float, ...] = PIXEL_STD
-    # Videos that failed during this process's run; never drawn again as substitutes.
+    failed: dict[int, str] = field(default_factory=dict)  # mid-run failures: video index -> "path: error"
+    # Videos that failed in this process; never drawn again as substitutes.
     _bad: set[int] = field(default_factory=set, repr=False)
 
     def __len__(self) -> int:
@@ -156,43 +171,55 @@ class ClipSet:
     def num_slots(self) -> int:
         return self.source.num_slots
 
-    def note_failures(self, messages: Sequence[str]) -> None:
-        """Record videos that failed elsewhere (e.g. in a data-loading worker process), once each."""
-        for message in messages:
-            if message not in self.skipped:
+    def note_failures(self, failures: dict[int, str]) -> None:
+        """Record videos that failed mid-run, possibly in another process (a data-loading worker or
+        another rank), once per video: ``{video index: "path: error"}``."""
+        for video, message in failures.items():
+            if video not in self.failed:
+                self.failed[video] = message
                 self.skipped.append(message)
 
-    def _fail(self, video: int, error: str) -> str:
-        message = error if error.startswith(str(self.records[video].video)) else f"{self.records[video].video}: {error}"
-        if video not in self._bad:
-            self._bad.add(video)
-            warnings.warn(f"skipping video {message}", stacklevel=3)
-            self.skipped.append(message)
-        return message
+    def _fail(self, video: int, error: str) -> None:
+        if video in self._bad:
+            return
+        self._bad.add(video)
+        path = str(self.records[video].video)
+        message = error if error.startswith(path) else f"{path}: {error}"
+        warnings.warn(f"skipping video {message}", stacklevel=3)
+        self.note_failures({video: message})
 
     def batch(
         self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor, rows: range | None = None, substitute: bool = True
     ) -> dict[str, Any]:
-        """Assemble a model batch. video_index (B,), caption_index (B,), frame_index (B, T) slots; ``rows``
-        keeps only those rows (this rank's share), so the others are never decoded.
+        """Assemble a batch. video_index (B,), caption_index (B,), frame_index (B, T) slots; ``rows`` keeps
+        only those rows (this rank's share), so the others are never decoded.
 
-        A row whose video fails to decode is replaced by the next good video with its caption at the
-        same pool position (``substitute``), or kept with blank frames. ``failed`` lists the failures."""
+        Returns uint8 ``frames`` (B, T, H, W, 3) (:meth:`to_model_input` makes the model input; data
+        workers ship uint8, 4x less than float), the caption tokens, the indices and ``failed``.
+        A row whose video fails to decode is replaced by another good video not in the batch, with
+        its caption at the same pool position (``substitute``), or kept with blank frames."""
         if rows is not None:
             video_index, caption_index, frame_index = (t[rows.start : rows.stop] for t in (video_index, caption_index, frame_index))
         video_index, caption_index = video_index.clone(), caption_index.clone()
         clips, failed = self.source.clips(video_index, frame_index)
-        messages = []
-        for _ in range(MAX_SUBSTITUTIONS):
-            if not failed:
-                break
+        failures: dict[int, str] = {}
+        rounds = 0
+        while failed:
+            if rounds == MAX_SUBSTITUTIONS:
+                raise RuntimeError(
+                    f"{self.records[0].video.parent}: {MAX_SUBSTITUTIONS} rounds of replacement videos failed to decode "
+                    f"({len(self.failed)} failed so far, e.g. {list(self.failed.values())[-3:]}); is the data intact?"
+                )
+            rounds += 1
             retry = []
             for row, error in failed:
-                messages.append(self._fail(int(video_index[row]), error))
+                video = int(video_index[row])
+                self._fail(video, error)
+                failures[video] = self.failed[video]
                 if substitute:
-                    video = self._next_good(int(video_index[row]))
-                    pick = int(caption_index[row] - self.pool_start[video_index[row]]) % int(self.pool_size[video])
-                    video_index[row], caption_index[row] = video, self.pool_start[video] + pick
+                    replacement = self._substitute(video, set(video_index.tolist()))
+                    pick = int(caption_index[row] - self.pool_start[video]) % int(self.pool_size[replacement])
+                    video_index[row], caption_index[row] = replacement, self.pool_start[replacement] + pick
                     retry.append(row)
             if not retry:
                 break
@@ -200,23 +227,30 @@ class ClipSet:
             again, failed_again = self.source.clips(video_index[rows_t], frame_index[rows_t])
             clips[rows_t] = again
             failed = [(retry[i], error) for i, error in failed_again]
-        else:
-            raise RuntimeError(f"{MAX_SUBSTITUTIONS} videos in a row failed to decode; last: {messages[-1]}")
         return {
-            "video": frames_to_model_input(clips, self.pixel_mean, self.pixel_std),
+            "frames": clips,
             "input_ids": self.caption_ids[caption_index],
             "attention_mask": self.caption_mask[caption_index],
             "video_index": video_index,
             "caption_index": caption_index,
-            "failed": messages,
+            "failed": failures,
         }
 
-    def _next_good(self, video: int) -> int:
-        for offset in range(1, len(self) + 1):
-            candidate = (video + offset) % len(self)
+    def to_model_input(self, frames: Tensor) -> Tensor:
+        """uint8 (B, T, H, W, 3) on any device -> the model's normalised float (B, T, 3, H, W)."""
+        return frames_to_model_input(frames, self.pixel_mean, self.pixel_std)
+
+    def _substitute(self, video: int, in_batch: set[int]) -> int:
+        """A good video to stand in for ``video``: deterministic, spread over the split (a run of bad
+        files, e.g. one broken folder, is not tried one by one), and not already in the batch."""
+        order = torch.randperm(len(self), generator=_generator(video, 3)).tolist()
+        for candidate in order:
+            if candidate not in self._bad and candidate not in in_batch:
+                return candidate
+        for candidate in order:  # a split smaller than a batch: a repeat beats a crash
             if candidate not in self._bad:
                 return candidate
-        raise RuntimeError("every video of the split failed to decode")
+        raise RuntimeError(f"every video of the split failed to decode, e.g. {list(self.failed.values())[:3]}")
 
     def train_batch(
         self, step: int, batch_size: int, num_frames: int, seed: int, rows: range | None = None
@@ -251,12 +285,12 @@ class ClipSet:
         return self.batch(video_index, caption_index, frame_index, rows)
 
     def eval_video_batch(self, start: int, stop: int, num_frames: int) -> dict[str, Any]:
-        """Model input (B, T, 3, H, W) of videos ``start:stop``, uniformly sampled; a video that fails
+        """uint8 frames (B, T, H, W, 3) of videos ``start:stop``, uniformly sampled; a video that fails
         keeps blank frames (it stays in the evaluation) and is listed in ``failed``."""
         video_index = torch.arange(start, stop)
         frame_index = uniform_indices(self.num_slots, num_frames).expand(len(video_index), -1)
         batch = self.batch(video_index, self.pool_start[video_index], frame_index, substitute=False)
-        return {"video": batch["video"], "failed": batch["failed"]}
+        return {"frames": batch["frames"], "failed": batch["failed"]}
 
     def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None, workers: int = 0) -> Any:
         """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order."""
@@ -265,7 +299,7 @@ class ClipSet:
         jobs = [(start, min(start + batch_size, videos.stop), num_frames) for start in starts]
         for batch in map_in_workers(_EvalBatch(self), jobs, workers):
             self.note_failures(batch["failed"])
-            yield batch["video"]
+            yield self.to_model_input(batch["frames"])
 
 
 @dataclass
@@ -347,7 +381,13 @@ def _cache_key(name: str, records: list[VideoRecord], frame_size: int, cached_fr
     file identities where they exist, the frame size and count."""
     digest = hashlib.blake2b(digest_size=16)
     for record in records:
-        digest.update(f"{record.id}\0{record.video}\0".encode())
+        # The file's identity too: a video added, fixed or re-encoded since the cache was written is decoded again.
+        try:
+            stat = os.stat(record.video)
+            identity = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            identity = "missing"
+        digest.update(f"{record.id}\0{record.video}\0{identity}\0".encode())
     ids = digest.hexdigest()
     key = json.dumps([CACHE_VERSION, name, ids, _file_key(annotation) if annotation and annotation.exists() else "", frame_size, cached_frames])
     return key, hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
