@@ -98,7 +98,7 @@ def _frame_images(folder: Path) -> list[Path]:
     return images
 
 
-def _open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+def open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open ``path`` and return the container and its first video stream, or raise VideoDecodeError."""
     if not path.is_file():
         raise VideoDecodeError(f"{path}: video file not found")
@@ -223,7 +223,7 @@ def probe_video(path: str | os.PathLike[str], exact: bool = False) -> VideoInfo:
         first = _decode_image(images[0], None, None)
         return VideoInfo(path, len(images), None, None, first.shape[0], first.shape[1], 0)
 
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     try:
         first = next(iter(container.decode(stream)), None)
         if first is None:
@@ -274,7 +274,7 @@ class _PacketIndex:
 
 def _scan_packets(path: Path) -> tuple[_PacketIndex, Fraction]:
     """Demux every packet of the first video stream of ``path``; returns the index and the time base."""
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     # Read before closing: the stream's fields point into the container.
     time_base = stream.time_base or Fraction(1, 1)
     packets: list[tuple[int, bool]] = []
@@ -357,7 +357,7 @@ def _decode_with_seeks(
     index_of = {p: i for i, p in enumerate(index.pts)}
     kept: dict[int, np.ndarray] = {}
     num_decoded = 0
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     stream.thread_type = "AUTO"
     tag_rotation = _tag_rotation(stream)
     reformatter = VideoReformatter()
@@ -402,7 +402,7 @@ def _decode_sequential(
     last_needed = max(wanted) if wanted else -1
     kept: dict[int, np.ndarray] = {}
     num_decoded = 0
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     # Frame threading pays off for real (large) videos and costs nothing for tiny ones.
     stream.thread_type = "AUTO"
     tag_rotation = _tag_rotation(stream)
@@ -527,7 +527,7 @@ def count_frames(path: str | os.PathLike[str], exact: bool = False) -> int:
     path = Path(path)
     if path.is_dir():
         return len(_frame_images(path))
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     try:
         if stream.frames > 0 and not exact:
             return int(stream.frames)

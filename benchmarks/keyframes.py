@@ -1,0 +1,289 @@
+"""Keyframe grid: our streaming extraction against the authors' keep-every-frame approach.
+
+Generates H.264 videos with scene cuts at known frames into a temporary folder: 640x360 at 30 fps
+(20 and 40 s; with ``--quick`` 8 and 16 s) and a long low-resolution pair at 160x90 (30 s and 10 min;
+``--quick``: 10 s and 2 min), then measures, each in a fresh subprocess:
+
+1. ours: ``keyframe_grid(path)``: one streaming decode at 64 px short side for the difference signal,
+   then only the 12 keyframes decoded at 224 px short side;
+2. ours at full resolution: the same with ``analysis_size=None`` (the authors' analysis resolution,
+   still streaming), which separates the effect of the resolution from that of streaming;
+3. naive, what the authors' demo does: decode every frame at full size into a list and keep them all,
+   grayscale + 9x9 blur + saturating difference at full size, then pick the keyframes from the list
+   and tile them at full size. It uses the same arithmetic (gray, blur, peaks, choice) as ours, so any
+   difference in the chosen frames comes from the analysis resolution alone.
+
+Peak RSS is ``ru_maxrss`` of the subprocess after the run minus its value after the imports (the extra
+memory the work needed). Prints a table, the ours/naive ratios of time and memory, whether the methods
+chose the same keyframes, how many of the true cuts each found (a peak within 1 frame), how our
+peak memory changes from the short to the long low-resolution video, and, on the 640x360 videos, what
+keeping the 9x9 blur unscaled at 64 px would cost in found cuts.
+
+    python benchmarks/keyframes.py [--quick] [--keep DIR]
+
+Run it alone: a second busy process on 2 cores distorts the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+NUM_KEYFRAMES = 12
+THRESHOLD = 0.1
+METHODS = ("ours", "ours_fullres", "naive")
+
+
+@dataclass(frozen=True)
+class BenchVideo:
+    name: str
+    path: Path
+    num_frames: int
+    cuts: list[int]
+
+
+def make_video(path: Path, seconds: float, height: int, width: int, seed: int, fps: int = 30) -> tuple[int, list[int]]:
+    """Encode scenes of 1.5-4 s with hard cuts, streaming (no frame list), and return (frames, cuts).
+
+    Each scene is a static sinusoidal texture of its own frequencies and phase with a box of its own
+    colour moving across it: motion inside scenes, a whole-frame change at each cut.
+    """
+    rng = np.random.default_rng(seed)
+    num_frames = int(seconds * fps)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    box_h, box_w = max(4, height // 6), max(4, width // 8)
+    cuts: list[int] = []
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23"}
+        frame_idx = 0
+        while frame_idx < num_frames:
+            if frame_idx:
+                cuts.append(frame_idx)
+            fx, fy = rng.uniform(2.0, 12.0, size=2) * 2 * np.pi / np.array([width, height])
+            phase = rng.uniform(0, 2 * np.pi)
+            mean = rng.uniform(60, 190, size=3)
+            texture = np.stack(
+                [mean[c] + 50 * np.sin(fx * xs + phase + c) * np.cos(fy * ys + 2 * c) for c in range(3)], axis=-1
+            )
+            texture = np.clip(texture, 0, 255).astype(np.uint8)  # (H, W, 3)
+            colour = rng.integers(0, 256, size=3).astype(np.uint8)
+            speed = rng.integers(1, 4)
+            length = min(int(rng.uniform(1.5, 4.0) * fps), num_frames - frame_idx)
+            for step in range(length):
+                rgb = texture.copy()
+                y = (speed * step) % (height - box_h)
+                x = (2 * speed * step) % (width - box_w)
+                rgb[y : y + box_h, x : x + box_w] = colour
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = frame_idx
+                frame.time_base = Fraction(1, fps)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                frame_idx += 1
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return num_frames, cuts
+
+
+def run_naive(path: Path) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """The authors' structure: every full-size frame kept in a list, analysed at full size."""
+    from av.video.reformatter import VideoReformatter
+
+    from mama.augment.keyframes import (
+        _brightened_pixels,
+        _gaussian_blur,
+        _to_gray,
+        choose_keyframes,
+        find_peaks,
+        tile_grid,
+    )
+
+    frames: list[np.ndarray] = []
+    values: list[float] = []
+    previous: np.ndarray | None = None
+    reformatter = VideoReformatter()  # a fair baseline: no swscale context per frame
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+            frames.append(rgb)
+            blurred = _gaussian_blur(_to_gray(rgb))
+            values.append(0.0 if previous is None else float(_brightened_pixels(blurred, previous)))
+            previous = blurred
+    peaks = find_peaks(np.asarray(values), THRESHOLD)
+    keyframes = choose_keyframes(peaks, len(frames), NUM_KEYFRAMES)
+    grid = tile_grid(np.stack([frames[i] for i in keyframes]), 3, 4)
+    return peaks, keyframes, tuple(grid.shape)
+
+
+def signal_fixed_kernel(path: Path, analysis_size: int) -> np.ndarray:
+    """Difference signal at ``analysis_size`` with the 9x9 kernel kept in analysis pixels (not scaled)."""
+    from av.video.reformatter import VideoReformatter
+
+    from mama.augment.keyframes import (
+        _analysis_size,
+        _brightened_pixels,
+        _gaussian_blur,
+        _to_gray,
+    )
+
+    values: list[float] = []
+    previous: np.ndarray | None = None
+    reformatter = VideoReformatter()
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            height, width = _analysis_size(frame.height, frame.width, analysis_size)
+            rgb = reformatter.reformat(frame, format="rgb24", width=width, height=height).to_ndarray()
+            blurred = _gaussian_blur(_to_gray(rgb))
+            values.append(0.0 if previous is None else float(_brightened_pixels(blurred, previous)))
+            previous = blurred
+    return np.asarray(values)
+
+
+def analysis_resolution_check(videos: list[BenchVideo]) -> None:
+    """Cut recall of the analysis at 64 px with the blur scaled (ours) or fixed at 9x9, and at full size."""
+    from mama.augment.keyframes import difference_signal, find_peaks
+
+    print("\nanalysis resolution and blur (cuts found within 1 frame, other peaks):")
+    for video in videos:
+        variants = {
+            "64 px, scaled blur (ours)": difference_signal(video.path, analysis_size=64)[0],
+            "64 px, fixed 9x9 blur": signal_fixed_kernel(video.path, 64),
+            "full size, 9x9 blur": difference_signal(video.path, analysis_size=None)[0],
+        }
+        summary = "; ".join(
+            f"{name}: {cut_recall(find_peaks(signal, THRESHOLD), video.cuts)}" for name, signal in variants.items()
+        )
+        print(f"  {video.name:<14} {summary}")
+
+
+def worker(method: str, path: Path) -> None:
+    """Run one method once and print a JSON line with time, extra peak RSS and the result."""
+    import torch  # noqa: F401  (imported before the baseline, as the library imports it anyway)
+
+    from mama.augment.keyframes import keyframe_grid
+
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if method == "naive":
+        peaks, keyframes, shape = run_naive(path)
+    else:
+        analysis_size = 64 if method == "ours" else None
+        result, grid = keyframe_grid(path, num=NUM_KEYFRAMES, threshold=THRESHOLD, analysis_size=analysis_size)
+        peaks, keyframes, shape = result.peaks, result.keyframes, tuple(grid.shape)
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "extra_rss_mb": (peak_kb - baseline_kb) / 1024,
+                "baseline_rss_mb": baseline_kb / 1024,
+                "peaks": peaks,
+                "keyframes": keyframes,
+                "grid_shape": shape,
+            }
+        )
+    )
+
+
+def measure(method: str, path: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", method, str(path)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cut_recall(peaks: list[int], cuts: list[int]) -> str:
+    found = sum(any(abs(p - c) <= 1 for p in peaks) for c in cuts)
+    far = sum(not any(abs(p - c) <= 1 for c in cuts) for p in peaks)
+    return f"{found}/{len(cuts)} cuts, {far} other"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter videos (about a minute in all)")
+    parser.add_argument("--keep", type=Path, default=None, help="write the videos here and keep them")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker[0], Path(args.worker[1]))
+        return
+
+    specs = (
+        [("640x360 8s", 8, 360, 640), ("640x360 16s", 16, 360, 640), ("160x90 10s", 10, 90, 160), ("160x90 2min", 120, 90, 160)]
+        if args.quick
+        else [("640x360 20s", 20, 360, 640), ("640x360 40s", 40, 360, 640), ("160x90 30s", 30, 90, 160), ("160x90 10min", 600, 90, 160)]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        videos: list[BenchVideo] = []
+        for seed, (name, seconds, height, width) in enumerate(specs):
+            path = folder / f"{name.replace(' ', '_')}.mp4"
+            start = time.perf_counter()
+            num_frames, cuts = make_video(path, seconds, height, width, seed)
+            print(f"generated {name}: {num_frames} frames, {len(cuts)} cuts, {time.perf_counter() - start:.1f} s", flush=True)
+            videos.append(BenchVideo(name, path, num_frames, cuts))
+
+        results: dict[tuple[str, str], dict] = {}
+        header = f"{'video':<14}{'frames':>7}  {'method':<13}{'time s':>8}{'peak RSS MB':>13}{'peaks':>7}  {'cuts found':<25}same keyframes as naive"
+        print()
+        print(header)
+        print("-" * len(header))
+        for video in videos:
+            for method in METHODS:
+                result = measure(method, video.path)
+                results[(video.name, method)] = result
+            naive = results[(video.name, "naive")]
+            for method in METHODS:
+                result = results[(video.name, method)]
+                same = "-" if method == "naive" else ("yes" if result["keyframes"] == naive["keyframes"] else "no")
+                print(
+                    f"{video.name:<14}{video.num_frames:>7}  {method:<13}{result['seconds']:>8.2f}"
+                    f"{result['extra_rss_mb']:>13.1f}{len(result['peaks']):>7}  "
+                    f"{cut_recall(result['peaks'], video.cuts):<25}{same}",
+                    flush=True,
+                )
+
+        print("\nratios ours / naive (time, peak RSS):")
+        for video in videos:
+            ours, full, naive = (results[(video.name, m)] for m in METHODS)
+            print(
+                f"  {video.name:<14} ours {ours['seconds'] / naive['seconds']:.2f}x time, "
+                f"{ours['extra_rss_mb'] / max(naive['extra_rss_mb'], 1e-3):.3f}x memory; "
+                f"ours_fullres {full['seconds'] / naive['seconds']:.2f}x time, "
+                f"{full['extra_rss_mb'] / max(naive['extra_rss_mb'], 1e-3):.3f}x memory"
+            )
+        print("\nkeyframes chosen:")
+        for video in videos:
+            for method in METHODS:
+                print(f"  {video.name:<14} {method:<13} {results[(video.name, method)]['keyframes']}")
+        short, long = videos[2], videos[3]
+        print(
+            f"\npeak RSS growth with length at 160x90 ({short.num_frames} -> {long.num_frames} frames): "
+            + ", ".join(
+                f"{m} {results[(short.name, m)]['extra_rss_mb']:.1f} -> {results[(long.name, m)]['extra_rss_mb']:.1f} MB"
+                for m in METHODS
+            )
+        )
+        print(f"baseline RSS after imports: {results[(videos[0].name, 'ours')]['baseline_rss_mb']:.0f} MB")
+        analysis_resolution_check(videos[:2])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""LVLM caption augmentation: keyframe grids and LLaVA captions (MAMA section 3)."""
