@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +66,23 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_clip import save_tiny_clip
 
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA-1.5 and its processor saved like a hub checkpoint (``CaptionConfig.model`` = this)."""
+    from tiny_llava import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test with one torch thread: tiny tensors gain nothing from a second thread, and on a busy
+    2-core machine the contention makes small ops 10-100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,9 @@ from mama.weighting import (
     select_virtual_params,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Every tensor here is tiny: extra threads only add contention (10x slower on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture
