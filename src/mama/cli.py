@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mama.checkpoint import CheckpointError
 from mama.config import ConfigError
@@ -75,6 +76,106 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for hit in hits:
             print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}  {hit['video']}")
     return 0
+
+
+def _cmd_keyframes(args: argparse.Namespace) -> int:
+    from mama.augment.keyframes import extract_keyframes, save_image, tile_grid
+    from mama.data.video import decode_frames
+
+    result = extract_keyframes(Path(args.video), num=args.num, threshold=args.threshold)
+    if args.grid:
+        frames = decode_frames(Path(args.video), indices=result.keyframes, short_side=args.tile_size)
+        save_image(Path(args.grid), tile_grid(frames, args.rows, args.cols))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{result.video}: {result.num_frames} frames, fps {result.fps}")
+        print(f"peaks ({len(result.peaks)}): {result.peaks}")
+        print(f"keyframes ({len(result.keyframes)}): {result.keyframes}")
+        if args.grid:
+            print(f"grid written to {args.grid}")
+    return 0
+
+
+def _caption_config(args: argparse.Namespace) -> Any:
+    from mama.augment.captioner import CaptionConfig
+
+    return CaptionConfig(
+        model=args.model, prompt=args.prompt, num_captions=args.num_captions, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        multi_frame=args.multi_frame, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
+        repeat_ngram=args.repeat_ngram,
+    )  # fmt: skip
+
+
+def _keyframe_config(args: argparse.Namespace) -> Any:
+    from mama.augment.job import KeyframeConfig
+
+    return KeyframeConfig(num=args.num_keyframes, threshold=args.threshold, rows=args.rows, cols=args.cols, tile_short_side=args.tile_size)
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from mama.augment.captioner import LlavaCaptioner
+    from mama.augment.job import _Prepare
+
+    item = _Prepare(_keyframe_config(args), args.multi_frame)(_single_record(Path(args.video)))
+    if "error" in item:
+        raise ValueError(item["error"])
+    captions = LlavaCaptioner(_caption_config(args)).caption([item["image"]])[0]
+    if not captions:
+        print("(every generation was dropped by the length/repetition filters)", file=sys.stderr)
+    for text in captions:
+        print(text)
+    return 0
+
+
+def _single_record(video: Path) -> Any:
+    from mama.data.records import Caption, VideoRecord
+
+    return VideoRecord(video.stem, video, [Caption("-", "human")])
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    from mama.augment.job import augment, find_shards, merge, parse_shard
+
+    out = Path(args.out)
+    if args.merge:
+        shards = [Path(p) for p in args.annotations] if args.annotations else find_shards(out)
+        print(json.dumps(merge(shards, out), indent=2))
+        return 0
+    if len(args.annotations) != 1:
+        raise ValueError("give exactly one annotation file (or --merge with the shard files)")
+    from mama.data.datasets import read_dataset
+
+    records = read_dataset(args.format, Path(args.annotations[0]), Path(args.videos) if args.videos else None)
+    summary = augment(
+        records, out, _caption_config(args), _keyframe_config(args), parse_shard(args.shard), args.workers, not args.no_progress
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_caption_args(p: argparse.ArgumentParser) -> None:
+    from mama.augment.captioner import DEFAULT_MODEL, DEFAULT_PROMPT
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="LLaVA hub id or local folder (LLaVA-1.5 / LLaVA-NeXT)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--num-captions", type=int, default=2, help="generations per video")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-words", type=int, default=3, help="drop shorter captions (0: keep all)")
+    p.add_argument("--max-words", type=int, default=60, help="drop longer captions (0: keep all)")
+    p.add_argument("--repeat-ngram", type=int, default=4, help="drop captions repeating an n-gram of this many words (0: off)")
+    p.add_argument("--multi-frame", action="store_true", help="one image per keyframe instead of the grid (video-native models)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-keyframes", type=int, default=12)
+    p.add_argument("--threshold", type=float, default=0.1, help="keyframe peak threshold (fraction of the signal range)")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--cols", type=int, default=4)
+    p.add_argument("--tile-size", type=int, default=224, help="shorter side of each keyframe in the grid")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -154,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("keyframes", help="find a video's keyframes (MAMA's LVLM front end) and optionally save their grid")
+    p.add_argument("video", help="video file or frame folder")
+    p.add_argument("--num", type=int, default=12)
+    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--grid", default=None, help="write the keyframe grid here (.jpg or .png)")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--cols", type=int, default=4)
+    p.add_argument("--tile-size", type=int, default=224, help="shorter side of each keyframe in the grid")
+    p.add_argument("--json", action="store_true", help='print {"video", "num_frames", "fps", "peaks", "keyframes"}')
+    p.set_defaults(func=_cmd_keyframes)
+
+    p = sub.add_parser("caption", help="caption one video with a LLaVA model (keyframe grid + prompt)")
+    p.add_argument("video", help="video file or frame folder")
+    _add_caption_args(p)
+    p.set_defaults(func=_cmd_caption)
+
+    p = sub.add_parser("augment", help="caption every video of an annotation file into a resumable JSONL")
+    p.add_argument("annotations", nargs="*", help="annotation file (with --merge: shard files, default: found next to --out)")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; re-runs skip the videos already in it)")
+    p.add_argument("--videos", default=None, help="folder the videos are found in, by id (see docs/datasets.md)")
+    p.add_argument("--format", default="jsonl", help="annotation layout (data.format)")
+    p.add_argument("--shard", default=None, help="I/N: caption every N-th video from the I-th (default: torchrun rank/world)")
+    p.add_argument("--merge", action="store_true", help="join the shard outputs into --out")
+    p.add_argument("--workers", type=int, default=0, help="keyframe extraction processes")
+    p.add_argument("--no-progress", action="store_true")
+    _add_caption_args(p)
+    p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="InfoNCE vs angular margin vs MAMA on SynthVL")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")
