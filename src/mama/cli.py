@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as exc:
+    except (ConfigError, OSError, CheckpointError, ValueError) as exc:  # OSError: a missing file or model folder
         print(f"mama {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,8 @@ def test_augment_writes_one_line_per_video_and_lists_bad_ones(tiny_synthvl: Path
     lines = _lines(out)
     assert [line["video_id"] for line in lines] == [r.id for i, r in enumerate(records) if i != 3]
     for line in lines:
-        assert set(line) == {"video_id", "video", "captions", "model", "prompt", "generation", "keyframes", "num_frames"}
+        assert set(line) == {"video_id", "video", "captions", "model", "prompt", "generation", "keyframe", "keyframes", "num_frames"}
+        assert line["generation"]["dtype"] == "float32" and line["keyframe"]["num"] == 12
         assert line["model"] == str(tiny_llava_dir) and line["prompt"] == "In a sentence, describe the process in the video."
         assert line["generation"]["temperature"] == 0.2 and line["generation"]["num_captions"] == 2
         assert len(line["keyframes"]) == 12 and all(isinstance(c, str) and c for c in line["captions"])
@@ -109,20 +111,75 @@ def test_killed_augment_resumes_with_every_video_exactly_once(tiny_synthvl: Path
     assert ids[: len(written)] == [line["video_id"] for line in written]  # nothing rewritten
 
 
+def _tiny_cfg(folder: Path, **kwargs: Any) -> CaptionConfig:
+    return CaptionConfig(model=str(folder), min_words=0, max_words=0, repeat_ngram=0, max_new_tokens=8, **kwargs)
+
+
 def test_torn_last_line_is_cut_off_on_resume(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
     records = read_jsonl(tiny_synthvl / "test.jsonl")[:4]
     out = tmp_path / "llava.jsonl"
-    out.write_text(json.dumps({"video_id": records[0].id, "captions": ["kept"]}) + "\n" + '{"video_id": "' + records[1].id + '", "capt')
-    cfg = CaptionConfig(model=str(tiny_llava_dir), min_words=0, max_words=0, repeat_ngram=0, max_new_tokens=8)
+    cfg, keyframes = _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32)
+    augment(records[:1], out, cfg, keyframes, progress=False)
+    with out.open("a") as handle:
+        handle.write('{"video_id": "' + records[1].id + '", "capt')  # the machine died mid-write
     with pytest.warns(UserWarning, match="torn last line"):
-        summary = augment(records, out, cfg, KeyframeConfig(tile_short_side=32), progress=False)
+        summary = augment(records, out, cfg, keyframes, progress=False)
     assert summary["already_done"] == 1 and summary["captioned"] == 3
     assert [line["video_id"] for line in _lines(out)] == [r.id for r in records]
 
 
+def test_resuming_with_other_settings_is_refused(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+    records = read_jsonl(tiny_synthvl / "test.jsonl")[:2]
+    out = tmp_path / "llava.jsonl"
+    augment(records[:1], out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32), progress=False)
+    with pytest.raises(ValueError, match="other settings.*prompt"):
+        augment(records, out, _tiny_cfg(tiny_llava_dir, prompt="Describe it."), KeyframeConfig(tile_short_side=32), progress=False)
+    with pytest.raises(ValueError, match="other settings.*keyframe"):
+        augment(records, out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32, threshold=0.3), progress=False)
+    # Batching and precision do not make captions incomparable.
+    augment(records, out, _tiny_cfg(tiny_llava_dir, batch_size=1), KeyframeConfig(tile_short_side=32), progress=False)
+    assert len(_lines(out)) == 2
+
+
+def test_bad_settings_fail_before_any_video_and_unexpected_errors_are_per_video(
+    tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="16 keyframes need a grid"):
+        KeyframeConfig(num=16)
+    with pytest.raises(ValueError, match="threshold"):
+        KeyframeConfig(threshold=1.0)
+    records = read_jsonl(tiny_synthvl / "test.jsonl")[:3]
+    import mama.augment.job as job
+
+    real = job.decode_frames
+
+    def flaky(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == records[1].video:
+            raise RuntimeError("out of memory in the decoder")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(job, "decode_frames", flaky)
+    out = tmp_path / "llava.jsonl"
+    with pytest.warns(UserWarning, match="RuntimeError: out of memory"):
+        summary = augment(records, out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32), progress=False)
+    assert (summary["captioned"], summary["bad"]) == (2, 1)
+    assert "RuntimeError" in _lines(out.with_name("llava.bad.jsonl"))[0]["error"]
+
+
+def test_a_sharded_job_does_not_redo_an_unsharded_runs_videos(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+    records = read_jsonl(tiny_synthvl / "test.jsonl")[:6]
+    out = tmp_path / "llava.jsonl"
+    cfg, keyframes = _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32)
+    augment(records[:4], out, cfg, keyframes, progress=False)  # an unsharded run, interrupted after 4
+    captioner = LlavaCaptioner(cfg)
+    shards = [augment(records, out, cfg, keyframes, shard=(i, 2), progress=False, captioner=captioner) for i in range(2)]
+    assert sum(s["captioned"] for s in shards) == 2 and sum(s["already_done"] for s in shards) == 4
+    assert sorted(line["video_id"] for i in range(2) for line in _lines(shard_output(out, (i, 2)))) == sorted(r.id for r in records[4:])
+
+
 def test_shards_merged_equal_an_unsharded_run(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     records = read_jsonl(tiny_synthvl / "val.jsonl")
-    cfg = CaptionConfig(model=str(tiny_llava_dir), min_words=0, max_words=0, repeat_ngram=0, max_new_tokens=8, batch_size=3)
+    cfg = _tiny_cfg(tiny_llava_dir, batch_size=3)
     captioner = LlavaCaptioner(cfg)
     keyframes = KeyframeConfig(tile_short_side=32)
     whole = augment(records, tmp_path / "whole.jsonl", cfg, keyframes, progress=False, captioner=captioner)
@@ -137,7 +194,7 @@ def test_shards_merged_equal_an_unsharded_run(tiny_synthvl: Path, tiny_llava_dir
     assert len(merged) == len(set(merged))
     # Merging again (or a shard listed twice) keeps each video once.
     summary = merge([shard_output(out, (0, 3)), shard_output(out, (0, 3)), shard_output(out, (1, 3)), shard_output(out, (2, 3))], out)
-    assert summary["videos"] == len(records) and summary["duplicates"] == len(records[0::3])
+    assert summary["videos"] == len(records) and summary["duplicates"] == len(_lines(shard_output(out, (0, 3))))
 
 
 def test_shard_argument_and_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +204,10 @@ def test_shard_argument_and_torchrun_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert parse_shard(None) == (2, 3)
+    with pytest.raises(ValueError, match="under torchrun"):
+        parse_shard("1/4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
     for bad in ("4/4", "x/2", "3"):
         with pytest.raises(ValueError, match="I/N"):
             parse_shard(bad)

@@ -12,6 +12,7 @@ Inputs are uint8 images laid out ``(H, W, 3)``; several frames of one video are 
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -93,9 +94,13 @@ class CaptionConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name is passed to ``torch.device``."""
+    """``"auto"`` -> CUDA when available (under torchrun the rank's own GPU, ``cuda:LOCAL_RANK``), else
+    CPU; any other name is passed to ``torch.device``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device(f"cuda:{int(local_rank) % torch.cuda.device_count()}" if local_rank else "cuda")
     return torch.device(name)
 
 
@@ -232,16 +237,20 @@ class LlavaCaptioner:
             self._prompts[key] = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return self._prompts[key]
 
-    def caption(self, videos: Sequence[Tensor | Sequence[Tensor]]) -> list[list[str]]:
+    def caption(self, videos: Sequence[Tensor | Sequence[Tensor]], offset: int = 0) -> list[list[str]]:
         """Captions for each video: up to ``cfg.num_captions`` post-processed, distinct, non-degenerate strings.
 
         Each video is a uint8 grid image ``(H, W, 3)`` or, with ``cfg.multi_frame``, its frames as
         ``(N, H, W, 3)`` or a list of ``(H, W, 3)`` (one image placeholder per frame). A list can be shorter
         than ``num_captions`` (even empty) when generations are dropped or repeat each other.
+
+        ``offset`` shifts the sampling seed of every batch (the seed mixes ``cfg.seed`` with the index of
+        the batch's first video plus ``offset``): a caller that captions a long list in several calls
+        passes a different offset per call, or every call replays the same random stream.
         """
         captions: list[list[str]] = []
         for start in range(0, len(videos), self.cfg.batch_size):
-            captions.extend(self._caption_batch(videos[start : start + self.cfg.batch_size], start))
+            captions.extend(self._caption_batch(videos[start : start + self.cfg.batch_size], offset + start))
         return captions
 
     @torch.inference_mode()

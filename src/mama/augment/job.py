@@ -12,18 +12,24 @@ Output: one JSON line per video, appended as each batch finishes::
   is cut off, with a warning, when the job starts again.
 - **Bad videos** go to the sidecar ``<out>.bad.jsonl`` (``{"video_id", "video", "error"}``), never stop
   the job, and are not retried unless the sidecar is deleted.
-- **Shards.** ``shard=(i, n)`` takes every n-th video of the annotation file from position i, and writes
-  ``<stem>.shard-<i>-of-<n><suffix>``; under torchrun without an explicit shard, the rank and world size
-  choose it. :func:`merge` joins the shard files by video id.
+- **Shards.** ``shard=(i, n)`` takes the videos whose id hashes to i modulo n (stable when the annotation
+  file is edited) and writes ``<name>.shard-<i>-of-<n>.jsonl``; under torchrun the rank and world size
+  choose it. Videos done by any shard, or by an earlier unsharded run, are not redone. :func:`merge`
+  joins the shard files by video id.
+- **Settings.** A file holds captions of one setting: resuming into it with another model, prompt,
+  generation or keyframe setting is refused. The sampling seed of a batch comes from ``seed`` and its
+  first video's id, so captions depend on which videos share a batch (as batched sampling does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,15 @@ class KeyframeConfig:
     cols: int = 4
     tile_short_side: int = 224  # each keyframe's shorter side in the grid
 
+    def __post_init__(self) -> None:
+        # Checked once here: a bad setting must stop the job, not mark every video as broken.
+        if self.num < 1 or self.rows < 1 or self.cols < 1 or self.rows * self.cols < self.num:
+            raise ValueError(f"{self.num} keyframes need a grid of at least that many cells, got {self.rows} x {self.cols}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"the keyframe threshold must be in [0, 1), got {self.threshold}")
+        if self.tile_short_side < 1:
+            raise ValueError(f"tile_short_side must be positive, got {self.tile_short_side}")
+
 
 @dataclass
 class _Prepare:
@@ -62,14 +77,22 @@ class _Prepare:
             frames = decode_frames(record.video, indices=keyframes.keyframes, short_side=self.cfg.tile_short_side)
             image = frames if self.multi_frame else tile_grid(frames, self.cfg.rows, self.cfg.cols)
             return {"keyframes": keyframes.keyframes, "num_frames": keyframes.num_frames, "image": image}
-        except (VideoDecodeError, ValueError) as exc:
+        except VideoDecodeError as exc:
             return {"error": str(exc)}
+        except Exception as exc:  # one unexpected failure must not stop (and on resume re-stop) the whole job
+            return {"error": f"{record.video}: {type(exc).__name__}: {exc}"}
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"I/N"`` -> (I, N); None -> the torchrun rank and world size, or (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if text is None:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}")
+        return rank, world
+    if world > 1:
+        raise ValueError("--shard splits the work by hand; under torchrun each rank already takes its own shard: drop --shard")
     index, sep, count = text.partition("/")
     try:
         shard = (int(index), int(count))
@@ -80,35 +103,68 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return shard
 
 
+def _split_name(out: Path) -> tuple[str, str]:
+    """(base, ".jsonl") for "x.jsonl"; (name, "") for a name without the suffix."""
+    return (out.name[: -len(".jsonl")], ".jsonl") if out.name.endswith(".jsonl") else (out.name, "")
+
+
 def shard_output(out: Path, shard: tuple[int, int]) -> Path:
     """The output file of one shard (``out`` itself when there is a single shard)."""
     index, count = shard
-    return out if count == 1 else out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
+    base, suffix = _split_name(out)
+    return out if count == 1 else out.with_name(f"{base}.shard-{index}-of-{count}{suffix}")
 
 
 def _bad_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.bad{out.suffix or '.jsonl'}")
+    base, suffix = _split_name(out)
+    return out.with_name(f"{base}.bad{suffix or '.jsonl'}")
 
 
-def _read_ids(path: Path) -> set[str]:
+def _shard_files(out: Path) -> dict[tuple[int, int], Path]:
+    """Every shard output next to ``out``: {(index, count): path}."""
+    base, suffix = _split_name(out)
+    pattern = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)" + re.escape(suffix))
+    found = {}
+    if out.parent.is_dir():
+        for path in out.parent.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match:
+                found[(int(match[1]), int(match[2]))] = path
+    return found
+
+
+def _owner(video_id: str, count: int) -> int:
+    """The shard of a video: a stable hash of its id, so editing the annotation file moves no video."""
+    return int.from_bytes(hashlib.blake2b(video_id.encode(), digest_size=8).digest(), "little") % count
+
+
+def _read_ids(path: Path, repair: bool = True) -> set[str]:
     """Video ids of a JSONL output, cutting off a torn last line first (see the module docstring)."""
+    return set(_read_lines(path, repair))
+
+
+def _read_lines(path: Path, repair: bool = True) -> dict[str, dict[str, Any]]:
+    """{video_id: line} of a JSONL output; with ``repair``, a torn last line is cut off first."""
     if not path.exists():
-        return set()
+        return {}
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if data and not data.endswith(b"\n") and repair:
         keep = data.rfind(b"\n") + 1
         warnings.warn(f"{path}: cutting off a torn last line ({len(data) - keep} bytes) left by a crash", stacklevel=3)
         with path.open("r+b") as handle:
             handle.truncate(keep)
         data = data[:keep]
-    ids = set()
+    lines: dict[str, dict[str, Any]] = {}
     for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                ids.add(json.loads(line)["video_id"])
+                obj = json.loads(line)
+                lines[obj["video_id"]] = obj
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if not repair and line_no == len(data.splitlines()):
+                    continue  # another process's line in flight
                 raise ValueError(f"{path}:{line_no}: not a caption line ({exc}); is this the right --out file?") from None
-    return ids
+    return lines
 
 
 def _append(path: Path, lines: Sequence[dict[str, Any]]) -> None:
@@ -126,6 +182,17 @@ def _append(path: Path, lines: Sequence[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+def _settings(line: dict[str, Any]) -> dict[str, Any]:
+    """What makes captions comparable: model, prompt, generation (less batching/precision) and keyframes."""
+    generation = {k: v for k, v in line.get("generation", {}).items() if k not in ("batch_size", "dtype", "device")}
+    return {"model": line.get("model"), "prompt": line.get("prompt"), "generation": generation, "keyframe": line.get("keyframe")}
+
+
+def _seed_offset(video_id: str) -> int:
+    # The sampling seed of a batch comes from its first video's id: stable across resumes and shards.
+    return int.from_bytes(hashlib.blake2b(video_id.encode(), digest_size=4).digest(), "little")
+
+
 def augment(
     records: Sequence[VideoRecord],
     out: str | os.PathLike[str],
@@ -136,32 +203,59 @@ def augment(
     progress: bool = True,
     captioner: LlavaCaptioner | None = None,
 ) -> dict[str, Any]:
-    """Caption the videos of ``records`` (this shard's share) that ``out`` does not hold yet.
+    """Caption the videos of ``records`` (this shard's share) that no output of ``out`` holds yet.
 
     Args:
         records: the annotation file's records (any format the data readers know).
-        out: output JSONL (for several shards, the name the shard files derive from).
+        out: output JSONL (for several shards, the name the shard files derive from). Videos already in
+            ``out``, in any of its shard files or in their bad-video sidecars count as done, so a job can
+            move between one process and several shards without redoing work.
         workers: processes extracting keyframes while the model captions.
         captioner: an already loaded captioner (default: loaded from ``caption_cfg``).
 
     Returns:
-        ``{"out", "bad_file", "shard", "videos", "already_done", "captioned", "bad", "no_caption"}``.
+        ``{"out", "bad_file", "shard", "videos", "already_done", "captioned", "bad", "no_caption"}``;
+        a video whose generations were all filtered out is written nowhere (retried next time) and
+        counted in ``no_caption``.
+
+    Raises:
+        ValueError: ``out`` holds captions made with other settings (model, prompt, generation or
+            keyframe settings): write them to another file.
     """
-    path = shard_output(Path(out), shard)
+    out = Path(out)
+    path = shard_output(out, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     bad_path = _bad_path(path)
-    mine = list(records)[shard[0] :: shard[1]]
-    done = _read_ids(path) | _read_ids(bad_path)
+    mine = [r for r in records if _owner(r.id, shard[1]) == shard[0]] if shard[1] > 1 else list(records)
+    path.touch()  # even a shard with nothing to do leaves its (empty) file, so --merge finds every shard
+    own = _read_lines(path)
+    # Other processes may be writing the other files: read them without repairing their tails.
+    others = [out, *_shard_files(out).values()]
+    done_lines = dict(own)
+    for other in others:
+        if other != path:
+            done_lines.update(_read_lines(other, repair=False))
+    done = set(done_lines) | _read_ids(bad_path) | {i for o in others if o != path for i in _read_ids(_bad_path(o), repair=False)}
     todo = [r for r in mine if r.id not in done]
     summary: dict[str, Any] = {
         "out": str(path), "bad_file": str(bad_path), "shard": f"{shard[0]}/{shard[1]}",
         "videos": len(mine), "already_done": len(mine) - len(todo), "captioned": 0, "bad": 0, "no_caption": 0,
     }  # fmt: skip
+    current = {"model": caption_cfg.model, "prompt": caption_cfg.prompt, "generation": caption_cfg.generation(), "keyframe": asdict(keyframe_cfg)}
+    for line in list(done_lines.values())[:1]:
+        if _settings(line) != _settings(current):
+            theirs, ours = _settings(line), _settings(current)
+            diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+            raise ValueError(
+                f"{path}: holds captions made with other settings {diff} (saved, now); "
+                "use another --out for these settings"
+            )
     if not todo:
         return summary
     captioner = captioner or LlavaCaptioner(caption_cfg)
     cfg = captioner.cfg
-    header = {"model": cfg.model, "prompt": cfg.prompt, "generation": cfg.generation()}
+    generation = {**cfg.generation(), "dtype": str(captioner.dtype).removeprefix("torch."), "device": str(captioner.device)}
+    header = {"model": cfg.model, "prompt": cfg.prompt, "generation": generation, "keyframe": asdict(keyframe_cfg)}
     prepared = map_in_workers(_Prepare(keyframe_cfg, cfg.multi_frame), todo, workers)
     bar = tqdm(total=len(todo), desc=f"augment {path.name}", unit="video", disable=not progress)
     batch: list[tuple[VideoRecord, dict[str, Any]]] = []
@@ -169,14 +263,16 @@ def augment(
     def flush() -> None:
         if not batch:
             return
-        captions = captioner.caption([item["image"] for _, item in batch])
+        captions = captioner.caption([item["image"] for _, item in batch], offset=_seed_offset(batch[0][0].id))
         lines = []
         for (record, item), texts in zip(batch, captions, strict=True):
+            if not texts:
+                summary["no_caption"] += 1
+                continue
             lines.append({
                 "video_id": record.id, "video": str(record.video), "captions": texts, **header,
                 "keyframes": item["keyframes"], "num_frames": item["num_frames"],
             })  # fmt: skip
-            summary["no_caption"] += not texts
         _append(path, lines)
         summary["captioned"] += len(lines)
         bar.update(len(batch))
@@ -194,6 +290,12 @@ def augment(
             flush()
     flush()
     bar.close()
+    if summary["no_caption"]:
+        warnings.warn(
+            f"{path}: {summary['no_caption']} video(s) got no caption past the length/repetition filters; "
+            "they are not written and will be tried again on the next run (or change --seed / the filters)",
+            stacklevel=2,
+        )
     return summary
 
 
@@ -226,23 +328,25 @@ def merge(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str])
                 target[video_id] = obj
     out = Path(out)
     write_jsonl(out, lines.values())
-    if bad:
-        write_jsonl(_bad_path(out), (v for k, v in bad.items() if k not in lines))
+    still_bad = [v for k, v in bad.items() if k not in lines]
+    if still_bad:
+        write_jsonl(_bad_path(out), still_bad)
+    else:
+        _bad_path(out).unlink(missing_ok=True)  # a stale sidecar would make a resume skip those videos
     return {"out": str(out), "shards": len(shards), "videos": len(lines), "bad": len(set(bad) - set(lines)), "duplicates": duplicates}
 
 
 def find_shards(out: Path) -> list[Path]:
-    """The shard files of ``out`` (``<stem>.shard-<i>-of-<n><suffix>``), all of one shard count, in order."""
-    found = sorted(out.parent.glob(f"{out.stem}.shard-*-of-*{out.suffix}"))
-    found = [p for p in found if ".bad" not in p.name]
-    counts = {p.stem.rsplit("-of-", 1)[-1] for p in found}
+    """The shard files of ``out`` (``<name>.shard-<i>-of-<n>.jsonl``), all of one shard count, in order."""
+    found = _shard_files(out)
+    counts = {count for _, count in found}
+    if not found:
+        base, suffix = _split_name(out)
+        raise FileNotFoundError(f"no shard files {base}.shard-*-of-*{suffix} next to {out}")
     if len(counts) > 1:
         raise ValueError(f"{out}: shard files of different shard counts {sorted(counts)}; name them explicitly")
-    if not found:
-        raise FileNotFoundError(f"no shard files {out.stem}.shard-*-of-*{out.suffix} next to {out}")
-    count = int(counts.pop())
-    expected = [shard_output(out, (i, count)) for i in range(count)]
-    missing = [str(p) for p in expected if p not in found]
+    count = counts.pop()
+    missing = [str(shard_output(out, (i, count))) for i in range(count) if (i, count) not in found]
     if missing:
         raise FileNotFoundError(f"missing shard outputs: {missing}")
-    return expected
+    return [found[(i, count)] for i in range(count)]
