@@ -177,6 +177,9 @@ class CLIPVideoText(nn.Module):
         self.frame_size = image_size
         self.grad_checkpointing = cfg.grad_checkpointing
         dim = clip_config.projection_dim
+        # Widths of video_tokens (per-frame projected features) / text_tokens (text tower hidden states).
+        self.video_token_dim = dim
+        self.text_token_dim = clip_config.text_config.hidden_size
         self.frame_pos: nn.Parameter | None = None
         self.temporal_blocks: nn.ModuleList | None = None
         if cfg.temporal == "seqTransf":
@@ -192,6 +195,11 @@ class CLIPVideoText(nn.Module):
 
     def encode_video(self, video: Tensor) -> Tensor:
         """video: (B, T, C, H, W) float, CLIP-normalised -> (B, D) L2-normalised, D = CLIP projection dim."""
+        return self.pool_video_tokens(self.video_tokens(video))
+
+    def video_tokens(self, video: Tensor) -> Tensor:
+        """video: (B, T, C, H, W) float, CLIP-normalised -> (B, T, D) per-frame features after the temporal
+        aggregation blocks (seqTransf; meanP: the CLIP frame embeddings), before the mean; not normalised."""
         b, t, _, h, w = video.shape
         if t > self.max_frames:
             raise ValueError(f"{t} frames given, the model was built for at most {self.max_frames}")
@@ -210,9 +218,18 @@ class CLIPVideoText(nn.Module):
             # projections the update is exactly 0 at step 0.
             update = run_blocks(self.temporal_blocks, x, None, self.grad_checkpointing and self.training) - x
             frame_emb = frame_emb + update
+        return frame_emb
+
+    def pool_video_tokens(self, video_tokens: Tensor) -> Tensor:
+        """(B, T, D) from :meth:`video_tokens` -> (B, D) L2-normalised; ``encode_video`` is exactly this."""
         # Normalising each frame before the mean (as CLIP4Clip does) makes every frame count the same,
         # whatever the norm of its CLIP feature.
-        return F.normalize(F.normalize(frame_emb, dim=-1).mean(dim=1), dim=-1)
+        return F.normalize(F.normalize(video_tokens, dim=-1).mean(dim=1), dim=-1)
+
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> (B, L, text hidden size): the text tower's last_hidden_state
+        (after its final layer norm, before pooling and projection; padded positions are meaningless)."""
+        return self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) ending in EOS then padding -> (B, D) L2-normalised."""

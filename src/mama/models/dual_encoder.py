@@ -84,6 +84,12 @@ class VideoTower(nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         """video: (B, T, C, H, W) -> (B, D) unnormalised."""
+        x = self.sequence(video)
+        return self.head(self.norm(x[:, 0]))
+
+    def sequence(self, video: Tensor) -> Tensor:
+        """video: (B, T, C, H, W) -> (B, 1 + T, W): the temporal transformer's output ([CLS] first), before
+        the final norm."""
         b, t = video.shape[:2]
         if t > self.max_frames:
             raise ValueError(f"{t} frames given, the model was built for at most {self.max_frames}")
@@ -92,8 +98,7 @@ class VideoTower(nn.Module):
         # (B*T, C', h, w) -> (B, T, C'*h*w): flatten keeps where the object is in the frame
         tokens = self.frame_proj(feats.flatten(1).view(b, t, -1))
         x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : t + 1]
-        x = run_blocks(self.blocks, x, None, self.grad_checkpointing and self.training)
-        return self.head(self.norm(x[:, 0]))
+        return run_blocks(self.blocks, x, None, self.grad_checkpointing and self.training)
 
 
 class TextTower(nn.Module):
@@ -108,10 +113,15 @@ class TextTower(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) with [CLS] first -> (B, D) unnormalised."""
+        x = self.sequence(input_ids, attention_mask)
+        return self.head(self.norm(x[:, 0]))
+
+    def sequence(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> (B, L, W): the transformer's output, before the final norm
+        (rows at padded positions are meaningless: mask them with ``attention_mask``)."""
         length = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos[:, :length]
-        x = run_blocks(self.blocks, x, attention_mask.bool(), self.grad_checkpointing and self.training)
-        return self.head(self.norm(x[:, 0]))
+        return run_blocks(self.blocks, x, attention_mask.bool(), self.grad_checkpointing and self.training)
 
 
 class DualEncoder(nn.Module):
@@ -121,6 +131,9 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.video = VideoTower(cfg)
         self.text = TextTower(cfg, vocab_size)
+        # Widths of video_tokens / text_tokens (fusion models such as mama.qa read them).
+        self.video_token_dim = cfg.width
+        self.text_token_dim = cfg.width
 
     def encode_video(self, video: Tensor) -> Tensor:
         """video: (B, T, C, H, W) float -> (B, D) L2-normalised."""
@@ -129,6 +142,21 @@ class DualEncoder(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> (B, D) L2-normalised."""
         return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+
+    def video_tokens(self, video: Tensor) -> Tensor:
+        """video: (B, T, C, H, W) -> (B, 1 + T, W): the temporal transformer's sequence ([CLS] first) after
+        its final norm, before the embedding head."""
+        return self.video.norm(self.video.sequence(video))
+
+    def pool_video_tokens(self, video_tokens: Tensor) -> Tensor:
+        """(B, 1 + T, W) from :meth:`video_tokens` -> (B, D) L2-normalised: what :meth:`encode_video` gives
+        for the same video, without running the video tower a second time."""
+        return F.normalize(self.video.head(video_tokens[:, 0]), dim=-1)
+
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> (B, L, W): the text transformer's normed sequence ([CLS]
+        first; padded positions are meaningless)."""
+        return self.text.norm(self.text.sequence(input_ids, attention_mask))
 
 
 def _build_tokenizer(cfg: ModelConfig, texts: Iterable[str]) -> WordTokenizer:

@@ -1,0 +1,1 @@
+"""Video question answering: the question record type and the dataset readers."""

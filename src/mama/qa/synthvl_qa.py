@@ -1,0 +1,133 @@
+"""The SynthVL QA split: questions about the generated clips, with ground truth and controlled noise.
+
+Every SynthVL clip shows one shape with known attributes, so questions and answers come for free:
+
+| qtype      | question                                    | answers                     |
+|------------|---------------------------------------------|-----------------------------|
+| colour     | what colour is the <shape>?                 | 6 colours                   |
+| shape      | what shape is the <colour> object?          | 5 shapes                    |
+| motion     | which way is the <colour> <shape> moving?   | left / right / up / down    |
+| size       | is the <colour> <shape> small or large?     | small / large               |
+| background | what colour is the background?              | black / gray / white        |
+
+- **Long tail in training.** Colour and shape answers follow the training split's Zipf distribution
+  over concepts, so some answers are rare.
+- **Noisy training labels.** A fraction ``noise_rate`` of the training questions carry a wrong answer
+  (another value of the same attribute), marked ``meta["noise"] = "wrong_answer"``: the condition
+  meta-weighting is meant to handle. The meta split (clean, balanced over concepts) and the evaluation
+  splits are never corrupted.
+- **Balanced evaluation.** Val and test keep, per question type, the same number of questions for every
+  answer (the rest are dropped), so the majority-answer baseline is at chance.
+- **Multiple choice.** The same questions with up to 5 candidates (all values of the attribute, or 4
+  wrong ones drawn at random plus the right one), shuffled.
+
+There are no count questions: a SynthVL clip always shows exactly one object, so "how many" would have a
+single answer.
+
+Files, next to the SynthVL JSONL (video paths relative to that folder): ``qa_<split>.jsonl`` (open-ended)
+and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.qa.records``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mama.data.records import read_jsonl, write_jsonl
+from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES
+
+__all__ = ["QTYPES", "make_questions", "write_synthvl_qa"]
+
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "motion": MOTIONS,
+    "size": SIZES,
+    "background": tuple(BACKGROUNDS),
+}
+QTYPES = tuple(ANSWERS)
+MAX_CANDIDATES = 5
+_SPLIT_SALT = {"train": 11, "meta": 12, "val": 13, "test": 14}
+
+
+def _question(qtype: str, attributes: dict[str, str]) -> str:
+    colour, shape = attributes["colour"], attributes["shape"]
+    return {
+        "colour": f"what colour is the {shape}?",
+        "shape": f"what shape is the {colour} object?",
+        "motion": f"which way is the {colour} {shape} moving?",
+        "size": f"is the {colour} {shape} small or large?",
+        "background": "what colour is the background?",
+    }[qtype]
+
+
+def _balance(questions: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Per question type, keep the same number of questions for every answer (the rarest answer's count)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for q in questions:
+        groups[(q["qtype"], q["answer"])].append(q)
+    kept = []
+    for qtype in QTYPES:
+        counts = [len(groups[(qtype, a)]) for a in ANSWERS[qtype]]
+        keep = min(counts)
+        for answer in ANSWERS[qtype]:
+            group = groups[(qtype, answer)]
+            kept += [group[i] for i in sorted(rng.choice(len(group), size=keep, replace=False))]
+    return sorted(kept, key=lambda q: q["id"])
+
+
+def make_questions(records: list[dict[str, Any]], split: str, seed: int = 0, noise_rate: float = 0.3) -> list[dict[str, Any]]:
+    """Open-ended questions (JSON-ready dicts) about the SynthVL ``records`` of ``split``.
+
+    Args:
+        records: the split's JSONL records (with ``attributes``), e.g. from :func:`mama.data.synthvl.make_records`.
+        noise_rate: fraction of training questions given a wrong answer (train split only).
+    """
+    if not 0 <= noise_rate < 1:
+        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate}")
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split]])
+    questions = []
+    for record in records:
+        attributes = record["attributes"]
+        for qtype in QTYPES:
+            answer, meta = attributes[qtype], {"noise": "none"}
+            if split == "train" and rng.random() < noise_rate:
+                wrong = [a for a in ANSWERS[qtype] if a != answer]
+                answer, meta = wrong[int(rng.integers(len(wrong)))], {"noise": "wrong_answer", "true_answer": answer}
+            questions.append({
+                "id": f"{record['id']}_{qtype}", "video": record["video"], "video_id": record["id"],
+                "question": _question(qtype, attributes), "answer": answer, "qtype": qtype,
+                "bucket": record.get("bucket"), **meta,
+            })  # fmt: skip
+    return _balance(questions, rng) if split in ("val", "test") else questions
+
+
+def multiple_choice(question: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """The multiple-choice form of an open-ended question: up to 5 shuffled candidates with the answer."""
+    values = ANSWERS[question["qtype"]]
+    wrong = [a for a in values if a != question["answer"]]
+    if len(values) > MAX_CANDIDATES:
+        wrong = [wrong[i] for i in sorted(rng.choice(len(wrong), size=MAX_CANDIDATES - 1, replace=False))]
+    candidates = [question["answer"], *wrong]
+    order = rng.permutation(len(candidates))
+    candidates = [candidates[i] for i in order]
+    return {**question, "candidates": candidates, "answer_index": candidates.index(question["answer"])}
+
+
+def write_synthvl_qa(root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3) -> dict[str, int]:
+    """Write the QA files of every split next to the SynthVL dataset at ``root``; returns questions per file."""
+    root = Path(root)
+    counts = {}
+    for split in _SPLIT_SALT:
+        records = [r.to_dict(root) for r in read_jsonl(root / f"{split}.jsonl")]
+        questions = make_questions(records, split, seed, noise_rate)
+        rng = np.random.default_rng([seed, _SPLIT_SALT[split], 1])
+        mc = [multiple_choice(q, rng) for q in questions]
+        write_jsonl(root / f"qa_{split}.jsonl", questions)
+        write_jsonl(root / f"qa_mc_{split}.jsonl", mc)
+        counts[f"qa_{split}"] = counts[f"qa_mc_{split}"] = len(questions)
+    return counts
