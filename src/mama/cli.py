@@ -27,6 +27,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mama.engine import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.task == "qa":
+        from mama.qa.engine import train_qa
+
+        if args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("task: qa trains in one process and without --resume for now")
+        qa_result = train_qa(cfg)
+        print(json.dumps({"out_dir": str(qa_result.out_dir), **qa_result.metrics}, indent=2))
+        return 0
+    if cfg.task != "retrieval":
+        raise ConfigError(f"task must be 'retrieval' or 'qa', got {cfg.task!r}")
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
         print(json.dumps({"out_dir": str(result.out_dir), **result.metrics}, indent=2))
@@ -187,6 +197,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "torchrun ... -m mama.cli train --config configs/synthvl_mama.yaml (see docs/distributed.md)"
         )
 
+    if args.task == "qa":
+        from mama.qa.demo import run_qa_demo
+
+        run_qa_demo(
+            out_dir=Path(args.out if args.out != "runs/demo" else "runs/demo_qa"), quick=args.quick, seeds=args.seeds,
+            config_path=args.config, overrides=args.overrides, progress=not args.no_progress,
+        )  # fmt: skip
+        return 0
     run_demo(
         out_dir=Path(args.out),
         quick=args.quick,
@@ -285,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="InfoNCE vs angular margin vs MAMA on SynthVL")
+    p.add_argument("--task", choices=("retrieval", "qa"), default="retrieval", help="retrieval: InfoNCE vs margin vs MAMA; qa: plain vs meta-weighted QA")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")
     p.add_argument("--out", default="runs/demo", help="output folder (results.json, plots, runs)")
     # 0.01 was best of {0, 0.01, 0.02, 0.05} on the SynthVL *validation* split, with and without meta

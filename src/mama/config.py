@@ -150,6 +150,27 @@ class EvalConfig:
 
 
 @dataclass
+class QAConfig:
+    """Video question answering (``task: qa``): model head sizes and the QA annotation files."""
+
+    num_answers: int = 1000  # K most frequent training answers (open-ended head size)
+    fusion_layers: int = 2
+    fusion_width: int = 256
+    fusion_heads: int = 4
+    contrastive_weight: float = 0.25  # lambda of the auxiliary video-caption contrastive loss (authors: 0.25)
+    dropout: float = 0.1
+    # Which head the model has: "open" (classify over the answer vocabulary) or "mc" (score candidates).
+    # One head only: the other would never get a gradient (dead weights, and DDP would wait for them).
+    answer_format: str = "open"
+    format: str = "jsonl"  # QA annotation layout (mama.qa.datasets.QA_FORMATS); files relative to data.root
+    train: str = "qa_train.jsonl"
+    meta: str = "qa_meta.jsonl"  # clean, balanced questions for the weighting net
+    val: str = "qa_val.jsonl"
+    test: str = "qa_test.jsonl"
+    synthvl_noise_rate: float = 0.3  # SynthVL QA: fraction of training questions with a wrong answer
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +179,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    task: str = "retrieval"  # "retrieval" | "qa" (open-ended video question answering, mama.qa.engine)
 
 
 class ConfigError(ValueError):

@@ -370,9 +370,11 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path)
     changed = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
         for section, values in current.items()
+        if isinstance(values, dict)
         for key, value in values.items()
         if (section, key) not in free and saved[section][key] != value
     ]
+    changed += [f"{key}: {saved[key]!r} -> {value!r}" for key, value in current.items() if not isinstance(value, dict) and saved[key] != value]
     if changed:
         raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(changed)})")
 

@@ -30,26 +30,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mama.config import QAConfig
 from mama.models.dual_encoder import Block, run_blocks
 
 ANSWER_FORMATS = ("open", "mc")
 
 
-@dataclass
-class QAConfig:
-    num_answers: int = 1000  # K most frequent training answers (open-ended head size)
-    fusion_layers: int = 2
-    fusion_width: int = 256
-    fusion_heads: int = 4
-    contrastive_weight: float = 0.25  # lambda of the auxiliary video-caption contrastive loss (authors: 0.25)
-    dropout: float = 0.1
-    # Which head the model has: "open" (classify over the answer vocabulary) or "mc" (score candidates).
-    # One head only: the other would never get a gradient (dead weights, and DDP would wait for them).
-    answer_format: str = "open"
-
-
 class VideoQAModel(nn.Module):
     """Encoder + fusion transformer + one answer head (see the module docstring)."""
+
+    @property
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        # A pretrained encoder's backbone trains at optim.backbone_lr here too.
+        return tuple(f"encoder.{prefix}" for prefix in getattr(self.encoder, "backbone_prefixes", ()))
 
     def __init__(self, encoder: nn.Module, cfg: QAConfig):
         super().__init__()
