@@ -6,6 +6,7 @@ import yaml
 from mama.config import Config, ConfigError, load_config, save_config
 from mama.data.datasets import DATASET_FORMATS
 from mama.models import list_models
+from mama.qa.datasets import QA_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -116,6 +117,11 @@ def test_shipped_config_loads(path: Path) -> None:
     assert cfg.data.frame_size == cfg.model.frame_size
     assert cfg.data.num_frames <= cfg.model.max_frames
     assert cfg.data.format in DATASET_FORMATS
+    assert cfg.task in ("retrieval", "qa")
+    if cfg.task == "qa":
+        assert cfg.qa.format in QA_FORMATS and cfg.qa.answer_format in ("open", "mc")
+        head = "model.open_head" if cfg.qa.answer_format == "open" else "model.mc_head"
+        assert not cfg.meta.enabled or head in cfg.meta.virtual_params, "the virtual step must reach the answer head"
     assert cfg.data.decode in ("cache", "stream")
     if cfg.data.format != "jsonl":
         assert not cfg.data.synthvl and cfg.data.videos, "a benchmark recipe names its videos folder"

@@ -50,3 +50,38 @@ def test_qa_demo_compares_plain_and_meta_weighted(qa_data: Path, tiny_overrides:
     results = json.loads((out / "results.json").read_text())
     assert set(results["variants"]) == {"plain", "meta"} and results["seeds"] == [0]
     assert all("accuracy" in v and "acc_tail" in v for v in results["variants"].values())
+
+
+def test_multiple_choice_qa_trains_with_uneven_candidate_counts(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
+    """SynthVL's multiple-choice questions have 2 to 5 candidates: padding candidates are never chosen."""
+    run = tmp_path / "run"
+    files = [f"qa.{s}=qa_mc_{s}.jsonl" for s in ("train", "meta", "val", "test")]
+    mc = [*files, "qa.answer_format=mc", "meta.virtual_params=[model.mc_head, model.blocks]", "train.steps=300"]
+    assert main(["train", "--config", str(RECIPE), *tiny_overrides(qa_data, run), *TINY_QA, *mc]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_questions"] == len(read_qa_jsonl(qa_data / "qa_mc_test.jsonl"))
+    # Chance is 1/C per type (1/2 for size ... 1/5 for shape): the model must beat the mean chance level.
+    chance = 100 * sum(1 / c for c in (5, 5, 4, 2, 3)) / 5  # colour, shape, motion, size, background
+    assert metrics["accuracy"] > chance + 10, metrics
+    assert metrics["acc_background"] > 90
+
+
+@pytest.mark.parametrize("recipe", ["msrvtt_qa_clip_b32.yaml", "nextqa_clip_b32.yaml"])
+def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """The CLIP QA recipes (backbone at its own lr, meta step through the fusion) on SynthVL's questions."""
+    mc = recipe.startswith("nextqa")
+    files = [f"qa.{s}=qa{'_mc' if mc else ''}_{s}.jsonl" for s in ("train", "meta", "val", "test")]
+    overrides = [
+        f"data.root={qa_data}", 'data.videos=""', "qa.format=jsonl", *files, f"model.pretrained={tiny_clip_dir}",
+        "data.frame_size=32", "model.frame_size=32", "data.num_frames=4", "model.max_frames=4", "data.workers=0",
+        "model.max_text_length=16", "model.temporal_layers=1", "qa.fusion_width=32", "qa.fusion_heads=2",
+        "train.batch_size=8", "meta.batch_size=8", "train.steps=4", "train.precision=fp32", "train.device=cpu",
+        "train.progress=false", "train.log_every=2", "eval.batch_size=64", f"train.out_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    assert main(["train", "--config", str(RECIPE.parent / recipe), *overrides]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_questions"] == len(read_qa_jsonl(qa_data / files[-1].split("=")[1]))
+    from mama.checkpoint import load_checkpoint
+
+    groups = load_checkpoint(tmp_path / "run" / "checkpoints").state["optimizer"]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == [2e-5, 1e-4]  # the CLIP backbone at optim.backbone_lr

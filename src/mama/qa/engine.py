@@ -37,7 +37,7 @@ from mama.engine import build_optimizer, ensure_dataset
 from mama.models import create_model, create_tokenizer, get_spec
 from mama.precision import autocast
 from mama.qa.datasets import read_qa_dataset
-from mama.qa.metrics import AnswerVocab, accuracy_by_type, normalize_answer, open_correct
+from mama.qa.metrics import AnswerVocab, accuracy_by_type, mc_correct, normalize_answer, open_correct
 from mama.qa.model import VideoQAModel
 from mama.qa.records import QARecord
 from mama.qa.task import QATask
@@ -67,6 +67,7 @@ class QASplit:
     answer: Tensor
     has_caption: Tensor
     dropped_oov: int = 0
+    candidate_mask: Tensor | None = None  # (Q, C) multiple choice: False for padding candidates
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,6 +85,8 @@ class QASplit:
             "attention_mask": self.question_mask[index],
             "answer": self.answer[index],
         }
+        if self.candidate_mask is not None:
+            batch["candidate_mask"] = self.candidate_mask[index]
         if captions:
             batch.update(caption_ids=assembled["input_ids"], caption_mask=assembled["attention_mask"], has_caption=self.has_caption[rows])
         return batch
@@ -134,7 +137,7 @@ def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: An
     loaded, skipped = {}, {}
     for name, records in questions.items():
         dropped = 0
-        if name == "train":
+        if name == "train" and cfg.qa.answer_format == "open":
             # Training cannot learn an answer the head cannot output; evaluation keeps every question.
             kept = [q for q in records if vocab.index(q.answer) >= 0]
             dropped = len(records) - len(kept)
@@ -157,16 +160,30 @@ def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: An
         if len(usable) != len(records) and name != "train":
             # An evaluation question whose video cannot be decoded still counts: as wrong.
             warnings.warn(f"qa_{name}: {len(records) - len(usable)} question(s) lost their video; they count as wrong", stacklevel=2)
-        ids, mask = tokenizer([q.question for q in usable])
+        candidate_mask = None
+        if cfg.qa.answer_format == "mc":
+            if any(q.kind != "mc" for q in usable):
+                raise ValueError(f"qa.{name}: qa.answer_format is 'mc' but some questions have no candidates")
+            width = max(len(q.candidates) for q in usable)
+            # (Q*C,) "question candidate" texts, padded to C candidates per question -> (Q, C, L)
+            texts = [f"{q.question} {c}" for q in usable for c in [*q.candidates, *[""] * (width - len(q.candidates))]]
+            ids, mask = tokenizer(texts)
+            ids, mask = ids.view(len(usable), width, -1), mask.view(len(usable), width, -1)
+            candidate_mask = torch.tensor([[c < len(q.candidates) for c in range(width)] for q in usable])
+            answers = torch.tensor([q.answer_index for q in usable])
+        else:
+            ids, mask = tokenizer([q.question for q in usable])
+            answers = torch.tensor([vocab.index(q.answer) for q in usable])
         loaded[name] = QASplit(
             records=usable,
             clips=clips,
             video_row=torch.tensor([row_of[q.video_id] for q in usable]),
             question_ids=ids,
             question_mask=mask,
-            answer=torch.tensor([vocab.index(q.answer) for q in usable]),
+            answer=answers,
             has_caption=torch.tensor([r.captions[0].text != "[no caption]" for r in clips.records]),
             dropped_oov=dropped,
+            candidate_mask=candidate_mask,
         )
         skipped[name] = len(clips.skipped) + (len(records) - len(usable))
     return QAData(tokenizer, vocab, loaded, skipped)
@@ -183,12 +200,21 @@ def evaluate_qa(task: QATask, split: QASplit, cfg: Config, lost: int = 0) -> dic
     for start in range(0, len(split), cfg.eval.batch_size):
         index = torch.arange(start, min(start + cfg.eval.batch_size, len(split)))
         batch = split.batch(index, frame_index.expand(len(index), -1), captions=False)
-        video = split.clips.to_model_input(batch["frames"].to(device))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["video"] = split.clips.to_model_input(batch.pop("frames"))
+        # The heads directly, not the task: an evaluation answer may be outside the vocabulary (no loss).
         with autocast(device, cfg.train.precision):
-            logits = task.model.open_logits(video, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        preds.append(logits.argmax(1).cpu())
-    pred = torch.cat(preds)
-    correct = open_correct(pred, [q.answer for q in split.records], task_vocab(task))
+            if cfg.qa.answer_format == "mc":
+                scores = task.model.mc_scores(batch["video"], batch["input_ids"], batch["attention_mask"])
+                scores = scores.float().masked_fill(~batch["candidate_mask"], float("-inf"))
+            else:
+                scores = task.model.open_logits(batch["video"], batch["input_ids"], batch["attention_mask"])
+        preds.append(scores.float().cpu())
+    scores = torch.cat(preds)
+    if cfg.qa.answer_format == "mc":
+        correct = mc_correct(scores, split.answer)
+    else:
+        correct = open_correct(scores.argmax(1), [q.answer for q in split.records], task_vocab(task))
     total = len(split) + lost
     metrics = {"accuracy": 100.0 * float(correct.sum()) / total, "num_questions": float(total)}
     for qtype, value in accuracy_by_type(correct, [q.qtype or "all" for q in split.records]).items():
@@ -225,10 +251,8 @@ class QAResult:
 
 
 def train_qa(cfg: Config, data: QAData | None = None, progress: bool | None = None) -> QAResult:
-    """Train open-ended QA on ``cfg`` (single process) and evaluate on ``cfg.eval.split``."""
+    """Train open-ended or multiple-choice QA on ``cfg`` (single process) and evaluate on ``cfg.eval.split``."""
     tc = cfg.train
-    if cfg.qa.answer_format != "open":
-        raise ConfigError("train_qa trains open-ended QA (qa.answer_format: open); multiple-choice training is not wired yet")
     progress = tc.progress if progress is None else progress
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -329,6 +353,6 @@ def train_qa(cfg: Config, data: QAData | None = None, progress: bool | None = No
         "dropped_oov_train_questions": train_set.dropped_oov, "skipped": data.skipped, **metrics,
     }  # fmt: skip
     tensors = {"task": task.state_dict(), **({"wnet": meta.wnet.state_dict()} if meta is not None else {})}
-    save_checkpoint(out_dir / "checkpoints", tc.steps, tensors, {"step": tc.steps, "config": to_dict(cfg)}, keep_last=1)
+    save_checkpoint(out_dir / "checkpoints", tc.steps, tensors, {"step": tc.steps, "config": to_dict(cfg), "optimizer": optimizer.state_dict()}, keep_last=1)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return QAResult(out_dir, metrics, wall_s, summary["step_ms"], history)

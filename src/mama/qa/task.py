@@ -19,7 +19,8 @@ Batch keys (video always (B, T, C, H, W) float):
   them from *training only* (an index of -1 here is an error). Evaluation keeps them, and
   :func:`mama.qa.metrics.open_accuracy` counts them wrong;
 - multiple choice (``answer_format="mc"``): ``input_ids`` / ``attention_mask`` (B, C, L), row c the text
-  of question + candidate c, ``answer`` (B,) long, the index of the correct candidate;
+  of question + candidate c, ``answer`` (B,) long, the index of the correct candidate, and optionally
+  ``candidate_mask`` (B, C) bool, False for padding candidates of questions with fewer than C;
 - optional, either format: ``caption_ids`` / ``caption_mask`` (B, Lc) and ``has_caption`` (B,) bool
   (absent: every row has a caption). Rows without a caption add no contrastive loss and are not
   negatives for the others.
@@ -75,6 +76,9 @@ class QATask(nn.Module):
             out["logits"] = logits  # (B, K)
         else:
             logits = self.model.mc_scores_from_tokens(video_tokens, batch["input_ids"], batch["attention_mask"])
+            if "candidate_mask" in batch:
+                # (B, C) False for padding candidates (questions with fewer candidates than C): never chosen.
+                logits = logits.masked_fill(~batch["candidate_mask"], float("-inf"))
             out["scores"] = logits  # (B, C)
         _check_targets(answer, logits.shape[1], self.model.cfg.answer_format)
         # CE in fp32: half-precision log-softmax over 1000 answers loses the small losses that the weighting
