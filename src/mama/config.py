@@ -165,6 +165,9 @@ class QAConfig:
     format: str = "jsonl"  # QA annotation layout (mama.qa.datasets.QA_FORMATS); files relative to data.root
     train: str = "qa_train.jsonl"
     meta: str = "qa_meta.jsonl"  # clean, balanced questions for the weighting net
+    # With meta "" : hold this many training questions out as the meta set, balanced over
+    # (question type, answer); questions about their videos leave training too.
+    meta_holdout: int = 0
     val: str = "qa_val.jsonl"
     test: str = "qa_test.jsonl"
     synthvl_noise_rate: float = 0.3  # SynthVL QA: fraction of training questions with a wrong answer

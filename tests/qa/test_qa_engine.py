@@ -85,3 +85,20 @@ def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_c
 
     groups = load_checkpoint(tmp_path / "run" / "checkpoints").state["optimizer"]["param_groups"]
     assert sorted({g["initial_lr"] for g in groups}) == [2e-5, 1e-4]  # the CLIP backbone at optim.backbone_lr
+
+
+def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
+    from collections import Counter
+
+    from mama.qa.engine import hold_out_questions
+
+    questions = read_qa_jsonl(qa_data / "qa_train.jsonl")
+    train, meta = hold_out_questions(questions, 50)
+    assert len(meta) == 50 and hold_out_questions(questions, 50)[1] == meta  # a fixed function of the data
+    assert not {q.video_id for q in meta} & {q.video_id for q in train}
+    per_group = Counter((q.qtype, q.answer) for q in meta)
+    assert max(per_group.values()) - min(per_group.values()) <= 1  # round-robin over (type, answer)
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides(qa_data, run), *TINY_QA, 'qa.meta=""', "qa.meta_holdout=40", "train.steps=20"]
+    assert main(["train", "--config", str(RECIPE), *overrides]) == 0
+    assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0

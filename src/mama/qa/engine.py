@@ -123,7 +123,18 @@ def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: An
 
         write_synthvl_qa(root, cfg.data.synthvl_seed, cfg.qa.synthvl_noise_rate)
     videos = Path(cfg.data.videos) if cfg.data.videos else None
-    questions = {name: read_qa_dataset(cfg.qa.format, root / getattr(cfg.qa, name), videos) for name in splits}
+    holdout = not cfg.qa.meta and cfg.qa.meta_holdout > 0
+    if "meta" in splits and not cfg.qa.meta and not holdout:
+        raise ConfigError("the QA meta split needs qa.meta (an annotation file) or qa.meta_holdout > 0")
+    wanted = [n for n in splits if not (n == "meta" and holdout)]
+    if holdout and "meta" in splits and "train" not in wanted:
+        wanted.append("train")
+    questions = {name: read_qa_dataset(cfg.qa.format, root / getattr(cfg.qa, name), videos) for name in wanted}
+    if holdout and "train" in questions:
+        questions["train"], meta_questions = hold_out_questions(questions["train"], cfg.qa.meta_holdout)
+        if "meta" in splits:
+            questions["meta"] = meta_questions
+    questions = {name: questions[name] for name in splits}
     if vocab is None:
         if "train" not in questions:
             raise ValueError("an answer vocabulary must be given when the train split is not loaded")
@@ -152,7 +163,7 @@ def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: An
         ]
         clips = load_clipset(
             f"qa_{name}", video_records, tokenizer, cfg.data.frame_size, slots, ("human", "lvlm"),
-            decode=cfg.data.decode, cache_dir=root / ".cache", annotation=root / getattr(cfg.qa, name),
+            decode=cfg.data.decode, cache_dir=root / ".cache", annotation=root / (getattr(cfg.qa, name) or cfg.qa.train),
             pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std, progress=progress,
         )  # fmt: skip
         row_of = {r.id: i for i, r in enumerate(clips.records)}
@@ -187,6 +198,32 @@ def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: An
         )
         skipped[name] = len(clips.skipped) + (len(records) - len(usable))
     return QAData(tokenizer, vocab, loaded, skipped)
+
+
+def hold_out_questions(records: list[QARecord], count: int, seed: int = 0) -> tuple[list[QARecord], list[QARecord]]:
+    """Split training questions into (training, meta): ``count`` meta questions balanced over
+    (question type, answer), drawn round-robin over those groups in a seeded order.
+
+    Every question about a held-out video leaves training too (the meta set must not share videos with
+    it), so training loses somewhat more than ``count`` questions. A fixed function of the data: every
+    run and variant holds out the same questions.
+    """
+    if not 0 < count < len(records):
+        raise ValueError(f"cannot hold out {count} meta questions from {len(records)} training questions")
+    rng = torch.Generator().manual_seed(seed)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, q in enumerate(records):
+        groups.setdefault((q.qtype, normalize_answer(q.answer)), []).append(i)
+    queues = [[members[j] for j in torch.randperm(len(members), generator=rng).tolist()] for _, members in sorted(groups.items())]
+    order = torch.randperm(len(queues), generator=rng).tolist()
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues):
+        for g in order:
+            if queues[g] and len(chosen) < count:
+                chosen.append(queues[g].pop())
+    meta = [records[i] for i in sorted(chosen)]
+    meta_videos = {q.video_id for q in meta}
+    return [q for q in records if q.video_id not in meta_videos], meta
 
 
 @torch.no_grad()
