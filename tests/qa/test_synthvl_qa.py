@@ -24,7 +24,7 @@ def records() -> dict:
 def test_clean_splits_answer_from_the_attributes(records: dict) -> None:
     by_id = {r["id"]: r for r in records["meta"]}
     questions = make_questions(records["meta"], "meta")
-    assert len(questions) == len(QTYPES) * len(records["meta"])
+    assert len(questions) == (len(QTYPES) - 1) * len(records["meta"])  # count questions come with count clips
     for q in questions:
         assert q["answer"] == by_id[q["video_id"]]["attributes"][q["qtype"]] and q["noise"] == "none"
 
@@ -40,7 +40,7 @@ def test_training_answers_are_noisy_at_the_asked_rate_and_long_tailed(records: d
 
 def test_evaluation_is_balanced_per_question_type(records: dict) -> None:
     questions = make_questions(records["test"], "test")
-    for qtype in QTYPES:
+    for qtype in QTYPES[:-1]:  # count: see the file test
         counts = Counter(q["answer"] for q in questions if q["qtype"] == qtype)
         assert set(counts) == set(ANSWERS[qtype]) and len(set(counts.values())) == 1, (qtype, counts)
     assert all(q["noise"] == "none" for q in questions)
@@ -56,10 +56,25 @@ def test_multiple_choice_keeps_the_answer_among_distinct_candidates(records: dic
 
 def test_files_are_written_next_to_synthvl_and_are_deterministic(tiny_synthvl: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
-    shutil.copytree(tiny_synthvl, root, ignore=shutil.ignore_patterns(".cache", "videos"))
+    shutil.copytree(tiny_synthvl, root, ignore=shutil.ignore_patterns(".cache"))
     counts = write_synthvl_qa(root)
     first = {name: (root / f"{name}.jsonl").read_bytes() for name in counts}
     write_synthvl_qa(root)
     assert all((root / f"{name}.jsonl").read_bytes() == data for name, data in first.items())
     line = json.loads((root / "qa_mc_test.jsonl").read_text().splitlines()[0])
-    assert line["video"].startswith("videos/test/") and line["candidates"][line["answer_index"]] == line["answer"]
+    assert line["video"].startswith("videos/") and line["candidates"][line["answer_index"]] == line["answer"]
+    count_questions = [json.loads(x) for x in (root / "qa_test.jsonl").read_text().splitlines() if '"count"' in x]
+    assert Counter(q["answer"] for q in count_questions) == Counter({a: len(count_questions) // 4 for a in ANSWERS["count"]})
+    train_counts = Counter(json.loads(x)["answer"] for x in (root / "qa_train.jsonl").read_text().splitlines() if '"qtype": "count"' in x)
+    assert train_counts["one"] > train_counts["four"]  # long-tailed in training
+
+
+def test_count_clips_show_the_number_of_shapes() -> None:
+    from mama.qa.synthvl_qa import render_count_clip
+
+    for count in (1, 2, 3, 4):
+        clip = render_count_clip(count, num_frames=3, frame_size=64, rng=np.random.default_rng(count))
+        background = clip[0, 0, 0]
+        quadrants = [clip[0, y : y + 32, x : x + 32] for y in (0, 32) for x in (0, 32)]
+        filled = sum(bool((q != background).any()) for q in quadrants)
+        assert clip.shape == (3, 64, 64, 3) and filled == count and (clip[0] == clip[-1]).all()

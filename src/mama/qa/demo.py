@@ -17,7 +17,7 @@ VARIANTS = {"plain": ["meta.enabled=false"], "meta": ["meta.enabled=true"]}
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "synthvl_qa.yaml"
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=150", "train.log_every=50"]
-KEYS = ("accuracy", "acc_colour", "acc_shape", "acc_motion", "acc_size", "acc_background", "acc_head", "acc_mid", "acc_tail")
+KEYS = ("accuracy", "acc_colour", "acc_shape", "acc_motion", "acc_size", "acc_background", "acc_count", "acc_head", "acc_mid", "acc_tail")
 
 
 def run_qa_demo(

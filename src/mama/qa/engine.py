@@ -118,10 +118,11 @@ def _caption_pools(cfg: Config, root: Path) -> dict[str, list[Caption]]:
 def load_qa_data(cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: Any = None, vocab: AnswerVocab | None = None, progress: bool = True) -> QAData:
     """Read the QA splits, build (or reuse) the tokenizer and answer vocabulary, and open the videos."""
     root = ensure_dataset(cfg, progress)
-    if cfg.data.synthvl and not all((root / getattr(cfg.qa, s)).exists() for s in QA_SPLITS):
-        from mama.qa.synthvl_qa import write_synthvl_qa
+    if cfg.data.synthvl:
+        from mama.qa.synthvl_qa import is_current, write_synthvl_qa
 
-        write_synthvl_qa(root, cfg.data.synthvl_seed, cfg.qa.synthvl_noise_rate)
+        if not is_current(root, cfg.data.synthvl_seed, cfg.qa.synthvl_noise_rate):
+            write_synthvl_qa(root, cfg.data.synthvl_seed, cfg.qa.synthvl_noise_rate)
     videos = Path(cfg.data.videos) if cfg.data.videos else None
     holdout = not cfg.qa.meta and cfg.qa.meta_holdout > 0
     if "meta" in splits and not cfg.qa.meta and not holdout:
@@ -256,9 +257,11 @@ def evaluate_qa(task: QATask, split: QASplit, cfg: Config, lost: int = 0) -> dic
     metrics = {"accuracy": 100.0 * float(correct.sum()) / total, "num_questions": float(total)}
     for qtype, value in accuracy_by_type(correct, [q.qtype or "all" for q in split.records]).items():
         metrics[f"acc_{qtype}"] = value
-    buckets = [q.meta.get("bucket") for q in split.records]
-    if all(b is not None for b in buckets):
-        for bucket, value in accuracy_by_type(correct, buckets).items():
+    # Per concept-frequency bucket, over the questions about a concept (count clips have none).
+    with_bucket = [i for i, q in enumerate(split.records) if q.meta.get("bucket") is not None]
+    if with_bucket:
+        buckets = [split.records[i].meta["bucket"] for i in with_bucket]
+        for bucket, value in accuracy_by_type(correct[torch.tensor(with_bucket)], buckets).items():
             metrics[f"acc_{bucket}"] = value
     return metrics
 

@@ -9,6 +9,7 @@ Every SynthVL clip shows one shape with known attributes, so questions and answe
 | motion     | which way is the <colour> <shape> moving?   | left / right / up / down    |
 | size       | is the <colour> <shape> small or large?     | small / large               |
 | background | what colour is the background?              | black / gray / white        |
+| count      | how many shapes are there?                  | one / two / three / four    |
 
 - **Long tail in training.** Colour and shape answers follow the training split's Zipf distribution
   over concepts, so some answers are rare.
@@ -21,8 +22,10 @@ Every SynthVL clip shows one shape with known attributes, so questions and answe
 - **Multiple choice.** The same questions with up to 5 candidates (all values of the attribute, or 4
   wrong ones drawn at random plus the right one), shuffled.
 
-There are no count questions: a SynthVL clip always shows exactly one object, so "how many" would have a
-single answer.
+Count questions need clips with several objects, which retrieval's SynthVL does not have: they get their
+own clips (``videos/count/<split>_count_<n>.mp4``, one to four static shapes of random colour and shape
+in distinct quadrants, same frame size and length as the dataset), a fifth as many as the split has
+videos. Training counts are long-tailed (one 50%, two 25%, three 15%, four 10%).
 
 Files, next to the SynthVL JSONL (video paths relative to that folder): ``qa_<split>.jsonl`` (open-ended)
 and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.qa.records``.
@@ -30,6 +33,7 @@ and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -38,9 +42,10 @@ from typing import Any
 import numpy as np
 
 from mama.data.records import read_jsonl, write_jsonl
-from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES
+from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, _shape_mask
+from mama.data.video import probe_video, write_video
 
-__all__ = ["QTYPES", "make_questions", "write_synthvl_qa"]
+__all__ = ["QTYPES", "is_current", "make_questions", "write_synthvl_qa"]
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
@@ -48,13 +53,18 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "motion": MOTIONS,
     "size": SIZES,
     "background": tuple(BACKGROUNDS),
+    "count": ("one", "two", "three", "four"),
 }
+COUNT_PRIOR = (0.5, 0.25, 0.15, 0.10)  # training distribution of the number of objects
 QTYPES = tuple(ANSWERS)
+QA_VERSION = 2  # bump when the questions change: older files are rewritten
 MAX_CANDIDATES = 5
 _SPLIT_SALT = {"train": 11, "meta": 12, "val": 13, "test": 14}
 
 
 def _question(qtype: str, attributes: dict[str, str]) -> str:
+    if qtype == "count":
+        return "how many shapes are there?"
     colour, shape = attributes["colour"], attributes["shape"]
     return {
         "colour": f"what colour is the {shape}?",
@@ -94,6 +104,8 @@ def make_questions(records: list[dict[str, Any]], split: str, seed: int = 0, noi
     for record in records:
         attributes = record["attributes"]
         for qtype in QTYPES:
+            if qtype not in attributes:  # count clips answer only count; the others only the rest
+                continue
             answer, meta = attributes[qtype], {"noise": "none"}
             if split == "train" and rng.random() < noise_rate:
                 wrong = [a for a in ANSWERS[qtype] if a != answer]
@@ -118,16 +130,69 @@ def multiple_choice(question: dict[str, Any], rng: np.random.Generator) -> dict[
     return {**question, "candidates": candidates, "answer_index": candidates.index(question["answer"])}
 
 
+def render_count_clip(count: int, num_frames: int, frame_size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (T, S, S, 3): ``count`` (1-4) small static shapes of random shape and colour, one per quadrant."""
+    frame = np.empty((frame_size, frame_size, 3), dtype=np.uint8)
+    frame[:] = BACKGROUNDS[str(rng.choice(tuple(BACKGROUNDS)))]
+    coords = np.arange(frame_size, dtype=np.float64) + 0.5
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    half = 0.14 * frame_size  # fits a quadrant with room for jitter
+    quarter = frame_size / 4
+    for cell in rng.permutation(4)[:count]:
+        cx = quarter * (1 + 2 * (cell % 2)) + rng.uniform(-0.25, 0.25) * quarter
+        cy = quarter * (1 + 2 * (cell // 2)) + rng.uniform(-0.25, 0.25) * quarter
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(tuple(COLOURS)))
+        frame[_shape_mask(shape, xs - cx, ys - cy, half)] = COLOURS[colour]
+    return np.repeat(frame[None], num_frames, axis=0)
+
+
+def _count_records(root: Path, split: str, num: int, seed: int, num_frames: int, frame_size: int) -> list[dict[str, Any]]:
+    """Render (once) the count clips of a split and return their records."""
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], 2])
+    folder = root / "videos" / "count"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(num):
+        if split == "train":
+            count = 1 + int(rng.choice(4, p=COUNT_PRIOR))
+        else:
+            count = 1 + i % 4  # evaluation: every count equally often (before balancing)
+        clip_rng = np.random.default_rng([seed, _SPLIT_SALT[split], 3, i])
+        video = folder / f"{split}_count_{i:05d}.mp4"
+        if not video.exists():
+            write_video(video, render_count_clip(count, num_frames, frame_size, clip_rng), fps=8)
+        records.append({"id": f"{split}_count_{i:05d}", "video": video.relative_to(root).as_posix(), "attributes": {"count": ANSWERS["count"][count - 1]}})
+    return records
+
+
 def write_synthvl_qa(root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3) -> dict[str, int]:
-    """Write the QA files of every split next to the SynthVL dataset at ``root``; returns questions per file."""
+    """Write the QA files of every split next to the SynthVL dataset at ``root`` (rendering the count clips);
+    returns questions per file."""
     root = Path(root)
     counts = {}
     for split in _SPLIT_SALT:
         records = [r.to_dict(root) for r in read_jsonl(root / f"{split}.jsonl")]
+        info = probe_video(root / records[0]["video"])
+        records += _count_records(root, split, max(8, len(records) // 5), seed, info.num_frames, info.height)
         questions = make_questions(records, split, seed, noise_rate)
         rng = np.random.default_rng([seed, _SPLIT_SALT[split], 1])
         mc = [multiple_choice(q, rng) for q in questions]
         write_jsonl(root / f"qa_{split}.jsonl", questions)
         write_jsonl(root / f"qa_mc_{split}.jsonl", mc)
         counts[f"qa_{split}"] = counts[f"qa_mc_{split}"] = len(questions)
+    # Written last: the files are complete, and made by this version with these settings.
+    (root / "qa_synthvl.json").write_text(json.dumps(_stamp(seed, noise_rate)))
     return counts
+
+
+def _stamp(seed: int, noise_rate: float) -> dict[str, Any]:
+    return {"version": QA_VERSION, "seed": seed, "noise_rate": noise_rate}
+
+
+def is_current(root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3) -> bool:
+    """Whether ``root`` holds QA files written by this version with these settings."""
+    stamp = Path(root) / "qa_synthvl.json"
+    try:
+        return json.loads(stamp.read_text()) == _stamp(seed, noise_rate)
+    except (OSError, ValueError):
+        return False
