@@ -49,7 +49,7 @@ def test_qa_demo_compares_plain_and_meta_weighted(qa_data: Path, tiny_overrides:
     assert "majority-answer baseline" in printed and "plain" in printed and "meta" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["variants"]) == {"plain", "meta"} and results["seeds"] == [0]
-    assert all("accuracy" in v and "acc_tail" in v for v in results["variants"].values())
+    assert all("accuracy" in v and "acc_tail" in v and "acc_rare_answers" in v for v in results["variants"].values())
 
 
 def test_multiple_choice_qa_trains_with_uneven_candidate_counts(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
@@ -102,3 +102,17 @@ def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_
     overrides = [*tiny_overrides(qa_data, run), *TINY_QA, 'qa.meta=""', "qa.meta_holdout=40", "train.steps=20"]
     assert main(["train", "--config", str(RECIPE), *overrides]) == 0
     assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0
+
+
+def test_rare_answers_are_the_least_frequent_third_per_type() -> None:
+    from types import SimpleNamespace
+
+    from mama.qa.engine import rare_answers
+    from mama.qa.records import QARecord
+
+    def q(qtype: str, answer: str, i: int) -> QARecord:
+        return QARecord(f"{qtype}{answer}{i}", "v", Path("v.mp4"), "what?", answer, qtype=qtype)
+
+    counts = {"colour": {"red": 9, "blue": 5, "green": 2, "pink": 1, "cyan": 1, "gray": 3}, "size": {"small": 6, "large": 1}}
+    records = [q(t, a, i) for t, answers in counts.items() for a, n in answers.items() for i in range(n)]
+    assert rare_answers(SimpleNamespace(records=records)) == {("colour", "cyan"), ("colour", "pink"), ("size", "large")}

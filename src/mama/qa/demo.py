@@ -17,7 +17,7 @@ VARIANTS = {"plain": ["meta.enabled=false"], "meta": ["meta.enabled=true"]}
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "synthvl_qa.yaml"
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=150", "train.log_every=50"]
-KEYS = ("accuracy", "acc_colour", "acc_shape", "acc_motion", "acc_size", "acc_background", "acc_count", "acc_head", "acc_mid", "acc_tail")
+KEYS = ("accuracy", "acc_colour", "acc_shape", "acc_motion", "acc_size", "acc_background", "acc_count", "acc_rare_answers", "acc_head", "acc_mid", "acc_tail")
 
 
 def run_qa_demo(
@@ -69,5 +69,6 @@ def _print_table(results: dict[str, Any]) -> None:
     for variant, values in results["variants"].items():
         print(f"{variant:8}" + "".join(f"{values[c]:>11.1f}" for c in columns) + f"{values.get('wall_s', float('nan')):>9.0f}")
     print(f"top-1 accuracy in % on the balanced test split (every question counts; out-of-vocabulary answers are wrong); "
-          f"majority-answer baseline {results['majority_baseline']:.1f}%; head/mid/tail = questions about videos of "
-          f"frequent/middle/rare concepts; seeds {results['seeds']}")
+          f"majority-answer baseline {results['majority_baseline']:.1f}%; rare_answers = questions whose answer is in "
+          f"the least frequent third of its type's training answers; head/mid/tail = questions about videos of "
+          f"frequent/middle/rare concepts; mean over seeds {results['seeds']}")

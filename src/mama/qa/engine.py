@@ -227,10 +227,23 @@ def hold_out_questions(records: list[QARecord], count: int, seed: int = 0) -> tu
     return [q for q in records if q.video_id not in meta_videos], meta
 
 
+def rare_answers(train: QASplit) -> set[tuple[str, str]]:
+    """(question type, answer) pairs in the least frequent third of each type's training answers."""
+    by_type: dict[str, Counter[str]] = {}
+    for q in train.records:
+        by_type.setdefault(q.qtype, Counter())[normalize_answer(q.answer)] += 1
+    rare = set()
+    for qtype, counts in by_type.items():
+        ranked = sorted(counts, key=lambda a: (counts[a], a))  # least frequent first
+        rare |= {(qtype, a) for a in ranked[: max(1, len(ranked) // 3)]}
+    return rare
+
+
 @torch.no_grad()
-def evaluate_qa(task: QATask, split: QASplit, cfg: Config, lost: int = 0) -> dict[str, float]:
-    """Top-1 accuracy (percent) over every question of the split, per question type and per answer
-    frequency bucket when the questions carry one; ``lost`` questions without a video count as wrong."""
+def evaluate_qa(task: QATask, split: QASplit, cfg: Config, lost: int = 0, train: QASplit | None = None) -> dict[str, float]:
+    """Top-1 accuracy (percent) over every question of the split, per question type, per concept bucket
+    when the questions carry one, and (given ``train``) on questions whose answer is rare in training
+    (``acc_rare_answers``) or not; ``lost`` questions without a video count as wrong."""
     task.eval()
     device = next(task.parameters()).device
     frame_index = uniform_indices(split.clips.num_slots, cfg.data.num_frames)
@@ -257,6 +270,13 @@ def evaluate_qa(task: QATask, split: QASplit, cfg: Config, lost: int = 0) -> dic
     metrics = {"accuracy": 100.0 * float(correct.sum()) / total, "num_questions": float(total)}
     for qtype, value in accuracy_by_type(correct, [q.qtype or "all" for q in split.records]).items():
         metrics[f"acc_{qtype}"] = value
+    if train is not None:
+        rare = rare_answers(train)
+        is_rare = torch.tensor([(q.qtype, normalize_answer(q.answer)) in rare for q in split.records])
+        if is_rare.any():
+            metrics["acc_rare_answers"] = 100.0 * float(correct[is_rare].float().mean())
+        if (~is_rare).any():
+            metrics["acc_common_answers"] = 100.0 * float(correct[~is_rare].float().mean())
     # Per concept-frequency bucket, over the questions about a concept (count clips have none).
     with_bucket = [i for i, q in enumerate(split.records) if q.meta.get("bucket") is not None]
     if with_bucket:
@@ -385,7 +405,7 @@ def train_qa(cfg: Config, data: QAData | None = None, progress: bool | None = No
                 handle.write(json.dumps(record) + "\n")
     wall_s = time.perf_counter() - t_start
     split = data.splits[cfg.eval.split]
-    metrics = evaluate_qa(task, split, cfg)
+    metrics = evaluate_qa(task, split, cfg, train=train_set)
     metrics["majority_baseline"] = majority_baseline(train_set, split)
     summary = {
         "split": cfg.eval.split, "steps": tc.steps, "wall_s": wall_s,
