@@ -65,9 +65,11 @@ def run_qa_demo(
 def _print_table(results: dict[str, Any]) -> None:
     columns = [k for k in KEYS if all(k in v for v in results["variants"].values())]
     names = [c.removeprefix("acc_") for c in columns]
-    print(f"{'variant':8}" + "".join(f"{n:>11}" for n in names) + f"{'wall s':>9}")
+    widths = [max(11, len(n) + 2) for n in names]
+    print(f"{'variant':8}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"{'wall s':>9}")
     for variant, values in results["variants"].items():
-        print(f"{variant:8}" + "".join(f"{values[c]:>11.1f}" for c in columns) + f"{values.get('wall_s', float('nan')):>9.0f}")
+        cells = "".join(f"{values[c]:>{w}.1f}" for c, w in zip(columns, widths))
+        print(f"{variant:8}" + cells + f"{values.get('wall_s', float('nan')):>9.0f}")
     print(f"top-1 accuracy in % on the balanced test split (every question counts; out-of-vocabulary answers are wrong); "
           f"majority-answer baseline {results['majority_baseline']:.1f}%; rare_answers = questions whose answer is in "
           f"the least frequent third of its type's training answers; head/mid/tail = questions about videos of "
