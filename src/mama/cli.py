@@ -126,9 +126,9 @@ def _keyframe_config(args: argparse.Namespace) -> Any:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     from mama.augment.captioner import LlavaCaptioner
-    from mama.augment.job import _Prepare
+    from mama.augment.job import PrepareCaptionInput
 
-    item = _Prepare(_keyframe_config(args), args.multi_frame)(_single_record(Path(args.video)))
+    item = PrepareCaptionInput(_keyframe_config(args), args.multi_frame)(_single_record(Path(args.video)))
     if "error" in item:
         raise ValueError(item["error"])
     captions = LlavaCaptioner(_caption_config(args)).caption([item["image"]])[0]

@@ -65,8 +65,9 @@ class KeyframeConfig:
 
 
 @dataclass
-class _Prepare:
-    """Picklable ``record -> (keyframes, grid or frames) | error`` for worker processes."""
+class PrepareCaptionInput:
+    """Picklable ``record -> (keyframes, grid or frames) | error`` for worker processes: the captioner's
+    input for one video (also used by ``mama caption`` on a single video)."""
 
     cfg: KeyframeConfig
     multi_frame: bool
@@ -256,7 +257,7 @@ def augment(
     cfg = captioner.cfg
     generation = {**cfg.generation(), "dtype": str(captioner.dtype).removeprefix("torch."), "device": str(captioner.device)}
     header = {"model": cfg.model, "prompt": cfg.prompt, "generation": generation, "keyframe": asdict(keyframe_cfg)}
-    prepared = map_in_workers(_Prepare(keyframe_cfg, cfg.multi_frame), todo, workers)
+    prepared = map_in_workers(PrepareCaptionInput(keyframe_cfg, cfg.multi_frame), todo, workers)
     bar = tqdm(total=len(todo), desc=f"augment {path.name}", unit="video", disable=not progress)
     batch: list[tuple[VideoRecord, dict[str, Any]]] = []
 

@@ -178,11 +178,12 @@ class VideoIndex:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared parts: error locations, typed field access, record building.
+# Shared parts: error locations, typed field access, record building. The file readers and field access
+# are public because the QA readers (mama.qa.datasets, mama.qa.records) parse their annotations with them.
 
 
 @contextmanager
-def _located(path: Path, where: str) -> Iterator[None]:
+def located_errors(path: Path, where: str) -> Iterator[None]:
     """Prefix any ValueError raised inside with the file and the line or entry it concerns."""
     try:
         yield
@@ -190,7 +191,7 @@ def _located(path: Path, where: str) -> Iterator[None]:
         raise ValueError(f"{path}: {where}: {err}") from err
 
 
-def _field(obj: Any, keys: str | Sequence[str], kind: type | tuple[type, ...]) -> Any:
+def typed_field(obj: Any, keys: str | Sequence[str], kind: type | tuple[type, ...]) -> Any:
     """``obj[key]`` for the first of ``keys`` present, checked to be of ``kind``."""
     names = (keys,) if isinstance(keys, str) else tuple(keys)
     if not isinstance(obj, Mapping):
@@ -213,7 +214,8 @@ def _auxiliary_file(annotations: Path, name: str, format: str) -> Path:
     return path
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """The JSON document in ``path``; invalid JSON raises ValueError naming the file."""
     with path.open("r", encoding="utf-8") as f:
         try:
             return json.load(f)
@@ -221,7 +223,7 @@ def _load_json(path: Path) -> Any:
             raise ValueError(f"{path}: invalid JSON: {err}") from err
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, object) for a JSON list or a JSON-lines file, whichever ``path`` holds."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
@@ -233,7 +235,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     for line_no, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            with _located(path, f"line {line_no}"):
+            with located_errors(path, f"line {line_no}"):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
@@ -241,7 +243,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"line {line_no}", row
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs of a comma-separated file with a header line."""
     with path.open("r", encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
@@ -330,7 +332,8 @@ class _RecordBuilder:
         return records
 
 
-def _index(annotations: Path, videos: Path | None) -> VideoIndex:
+def video_index_for(annotations: Path, videos: Path | None) -> VideoIndex:
+    """The :class:`VideoIndex` to look the videos of ``annotations`` up in: ``videos``, else its folder."""
     # Without a videos folder, look next to the annotations (the CLIP4Clip data folders mix both).
     return VideoIndex(videos if videos is not None else annotations.parent)
 
@@ -348,26 +351,26 @@ def read_msrvtt(annotations: Path, videos: Path | None) -> list[VideoRecord]:
     - ``video_id`` and ``sentence`` (``MSRVTT_JSFUSION_test.csv``, the 1k-A test): one record per row
       with that single caption, the single-positive protocol; ``key`` and ``vid_key`` go to meta.
     """
-    header, rows = _csv_rows(annotations)
+    header, rows = read_csv_rows(annotations)
     builder = _RecordBuilder()
     if "video_id" in header and "sentence" in header:
         for line_no, row in rows:
             where = f"line {line_no}"
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 meta = {key: row[key] for key in ("key", "vid_key") if key in row}
                 builder.add(row["video_id"], [row["sentence"]], where, meta)
     elif "video_id" in header:
         data_path = _auxiliary_file(annotations, "MSRVTT_data.json", "msrvtt")
-        data = _load_json(data_path)
+        data = load_json(data_path)
         sentences: dict[str, list[str]] = {}
-        with _located(data_path, '"sentences"'):
-            entries = _field(data, "sentences", list)
+        with located_errors(data_path, '"sentences"'):
+            entries = typed_field(data, "sentences", list)
         for i, entry in enumerate(entries):
-            with _located(data_path, f"sentences[{i}]"):
-                sentences.setdefault(_field(entry, "video_id", str), []).append(_field(entry, "caption", str))
+            with located_errors(data_path, f"sentences[{i}]"):
+                sentences.setdefault(typed_field(entry, "video_id", str), []).append(typed_field(entry, "caption", str))
         for line_no, row in rows:
             where = f"line {line_no}"
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 if row["video_id"] not in sentences:
                     raise ValueError(f"video {row['video_id']!r} has no caption in {data_path}")
                 builder.add(row["video_id"], sentences[row["video_id"]], where)
@@ -376,7 +379,7 @@ def read_msrvtt(annotations: Path, videos: Path | None) -> list[VideoRecord]:
             f"{annotations}: expected a 'video_id' column (train list) or 'video_id' and 'sentence' columns "
             f"(1k-A test), found {header}"
         )
-    return builder.build(annotations, _index(annotations, videos))
+    return builder.build(annotations, video_index_for(annotations, videos))
 
 
 def read_msrvtt_clipvip(annotations: Path, videos: Path | None) -> list[VideoRecord]:
@@ -386,11 +389,12 @@ def read_msrvtt_clipvip(annotations: Path, videos: Path | None) -> list[VideoRec
     (``caption`` or ``text``); rows of the same clip are merged into its pool.
     """
     builder = _RecordBuilder(merge=True)
-    for where, row in _json_rows(annotations):
-        with _located(annotations, where):
-            text = _field(row, ("caption", "text"), (str, list))
-            builder.add(_field(row, ("clip_name", "clip_id"), str), [text] if isinstance(text, str) else text, where)
-    return builder.build(annotations, _index(annotations, videos))
+    for where, row in read_json_rows(annotations):
+        with located_errors(annotations, where):
+            text = typed_field(row, ("caption", "text"), (str, list))
+            clip = typed_field(row, ("clip_name", "clip_id"), str)
+            builder.add(clip, [text] if isinstance(text, str) else text, where)
+    return builder.build(annotations, video_index_for(annotations, videos))
 
 
 def read_didemo(annotations: Path, videos: Path | None) -> list[VideoRecord]:
@@ -400,15 +404,15 @@ def read_didemo(annotations: Path, videos: Path | None) -> list[VideoRecord]:
     is all its descriptions joined with " " in annotation order. The id is the ``video`` field as
     written, extension included (e.g. ``"<flickr id>.mov"``).
     """
-    data = _load_json(annotations)
+    data = load_json(annotations)
     if not isinstance(data, list):
         raise ValueError(f"{annotations}: expected a JSON list of moments, got {type(data).__name__}")
     builder = _RecordBuilder(merge=True, paragraph=True)
     for i, moment in enumerate(data):
         where = f"entry {i}"
-        with _located(annotations, where):
-            builder.add(_field(moment, "video", str), [_field(moment, "description", str)], where)
-    return builder.build(annotations, _index(annotations, videos))
+        with located_errors(annotations, where):
+            builder.add(typed_field(moment, "video", str), [typed_field(moment, "description", str)], where)
+    return builder.build(annotations, video_index_for(annotations, videos))
 
 
 def _timestamp_start(timestamp: Any) -> float:
@@ -433,26 +437,26 @@ def read_activitynet(annotations: Path, videos: Path | None) -> list[VideoRecord
     its sentences, stripped and joined with " " in timestamp order. Videos are found as ``v_<id>`` or
     ``<id>``, whichever exists. ``duration`` (seconds) goes to meta.
     """
-    data = _load_json(annotations)
+    data = load_json(annotations)
     if not isinstance(data, dict):
         raise ValueError(f"{annotations}: expected a JSON object of videos, got {type(data).__name__}")
     builder = _RecordBuilder(paragraph=True)
     for video_id, item in data.items():
         where = f"video {video_id!r}"
-        with _located(annotations, where):
-            sentences = _field(item, "sentences", list)
-            timestamps = _field(item, "timestamps", list)
+        with located_errors(annotations, where):
+            sentences = typed_field(item, "sentences", list)
+            timestamps = typed_field(item, "timestamps", list)
             if len(sentences) != len(timestamps):
                 raise ValueError(f"{len(sentences)} sentences but {len(timestamps)} timestamps")
             # sorted() is stable: sentences starting together keep their annotation order.
             order = sorted(range(len(sentences)), key=lambda i: _timestamp_start(timestamps[i]))
             meta = {"duration": item["duration"]} if "duration" in item else {}
             builder.add(video_id, [sentences[i] for i in order], where, meta)
-    return builder.build(annotations, _index(annotations, videos), aliases=_activitynet_aliases)
+    return builder.build(annotations, video_index_for(annotations, videos), aliases=_activitynet_aliases)
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and strings only.
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and strings only (safe on downloaded annotation pickles).
 
     Every way a pickle can run code (REDUCE, BUILD, NEWOBJ, INST, OBJ, extension codes) first looks a
     callable up through ``find_class``; refusing all lookups leaves dicts, lists, tuples, sets, strings
@@ -466,7 +470,7 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 def _load_caption_pickle(path: Path) -> Any:
     try:
         # utf-8: Python 2 pickles store str as bytes; the default ASCII would fail on accented words.
-        return _DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
+        return DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
     except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a captions pickle: {err}") from err
 
@@ -495,12 +499,12 @@ def read_msvd(annotations: Path, videos: Path | None) -> list[VideoRecord]:
         if not video_id:
             continue
         where = f"line {line_no}"
-        with _located(annotations, where):
+        with located_errors(annotations, where):
             pool = captions.get(video_id)
             if not isinstance(pool, (list, tuple)):
                 raise ValueError(f"video {video_id!r} has no caption list in {captions_path}")
             builder.add(video_id, [_join_tokens(c) for c in pool], where)
-    return builder.build(annotations, _index(annotations, videos))
+    return builder.build(annotations, video_index_for(annotations, videos))
 
 
 _LSMDC_COLUMNS = ("clip_id", "start_aligned", "end_aligned", "start_extracted", "end_extracted", "sentence")
@@ -520,14 +524,14 @@ def read_lsmdc(annotations: Path, videos: Path | None) -> list[VideoRecord]:
             if not line.strip():
                 continue
             where = f"line {line_no}"
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 cells = line.rstrip("\r\n").split("\t")
                 if len(cells) != len(_LSMDC_COLUMNS):
                     raise ValueError(f"expected {len(_LSMDC_COLUMNS)} tab-separated columns, got {len(cells)}")
                 row = dict(zip(_LSMDC_COLUMNS, cells))
                 times = {key: row[key] for key in _LSMDC_COLUMNS[1:5]}
                 builder.add(row["clip_id"], [row["sentence"]], where, times)
-    return builder.build(annotations, _index(annotations, videos))
+    return builder.build(annotations, video_index_for(annotations, videos))
 
 
 def read_jsonl_dataset(annotations: Path, videos: Path | None) -> list[VideoRecord]:

@@ -218,8 +218,9 @@ def concept_table(cfg: SynthConfig) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
-    """Boolean mask of ``shape`` given pixel offsets from its centre and its half extent (pixels)."""
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
+    """Boolean mask of ``shape`` given pixel offsets from its centre and its half extent (pixels); the QA
+    clips (mama.qa.synthvl_qa) draw their shapes with it too, so both datasets look alike."""
     adx, ady = np.abs(dx), np.abs(dy)
     if shape == "circle":
         return dx**2 + dy**2 <= half**2
@@ -281,7 +282,7 @@ def render_clip(
     clip = np.repeat(background[None], num_frames, axis=0)  # (T, H, W, 3)
     for t in range(num_frames):
         cx, cy = start[0] + vx * step * t, start[1] + vy * step * t
-        clip[t][_shape_mask(attributes["shape"], xs - cx, ys - cy, half)] = colour
+        clip[t][shape_mask(attributes["shape"], xs - cx, ys - cy, half)] = colour
     return clip
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mama.config import ModelConfig
-from mama.models.dual_encoder import Block, run_blocks
+from mama.models.layers import Block, run_blocks
 from mama.models.registry import ModelSpec, register_model
 
 if TYPE_CHECKING:

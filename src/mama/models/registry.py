@@ -13,6 +13,10 @@ else it needs to be rebuilt offline (e.g. the backbone's own config).
 
 A model may define ``backbone_prefixes``: parameter-name prefixes (relative to the model) of its
 pretrained part, which train at ``optim.backbone_lr``.
+
+This module is a leaf: it imports no model file (that would be an import cycle, as every model file
+imports ``register_model`` from here). The built-in models register themselves when ``mama.models`` is
+imported, which happens before any of its submodules, this one included, can be used.
 """
 
 from __future__ import annotations
@@ -55,12 +59,10 @@ def register_model(name: str, spec: ModelSpec) -> None:
 
 
 def list_models() -> list[str]:
-    _import_builtin_models()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    _import_builtin_models()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -79,9 +81,3 @@ def load_tokenizer(cfg: ModelConfig, folder: Path) -> Any:
 def create_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
     """Construct (not load) the model named by ``cfg.name``; weights come from a checkpoint separately."""
     return get_spec(cfg.name).build_model(cfg, tokenizer)
-
-
-def _import_builtin_models() -> None:
-    # Registration happens on first use, not at package import, so `import mama` stays cheap.
-    # clip imports transformers only inside its functions, so listing the models stays cheap too.
-    from mama.models import clip, dual_encoder  # noqa: F401

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from mama.data.datasets import (
+    DataOnlyUnpickler,
     VideoIndex,
-    _csv_rows,
-    _DataOnlyUnpickler,
-    _field,
-    _index,
-    _load_json,
-    _located,
+    load_json,
+    located_errors,
+    read_csv_rows,
+    typed_field,
+    video_index_for,
 )
 from mama.qa.records import QARecord, question_word, read_qa_jsonl
 
@@ -129,7 +129,7 @@ def _check_columns(path: Path, header: Sequence[str], required: Sequence[str]) -
 def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs of a tab-separated file with a header line.
 
-    Like :func:`mama.data.datasets._csv_rows`, but tab-separated and without quoting: TGIF-QA's cells
+    Like :func:`mama.data.datasets.read_csv_rows`, but tab-separated and without quoting: TGIF-QA's cells
     are never quoted and its questions and candidates contain stray ``"`` characters.
     """
     with path.open("r", encoding="utf-8-sig", newline="") as f:
@@ -149,7 +149,7 @@ def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
 def _load_data_pickle(path: Path, what: str) -> Any:
     """Unpickle plain containers and strings only (no class or function is ever looked up)."""
     try:
-        return _DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
+        return DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
     except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not {what}: {err}") from err
 
@@ -162,26 +162,26 @@ def _read_msqa(
     annotations: Path, video_names: Callable[[int], tuple[str, ...]], meta_of: Callable[[int], dict[str, Any]]
 ) -> _Questions:
     """The questions of an MSRVTT-QA / MSVD-QA JSON list; ``video_names(N)``: the aliases of video N."""
-    data = _load_json(annotations)
+    data = load_json(annotations)
     if not isinstance(data, list):
         raise ValueError(f"{annotations}: expected a JSON list of questions, got {type(data).__name__}")
     questions = _Questions()
     for i, entry in enumerate(data):
         where = f"entry {i}"
-        with _located(annotations, where):
-            number = _int_cell(_field(entry, "video_id", int), "video_id")
+        with located_errors(annotations, where):
+            number = _int_cell(typed_field(entry, "video_id", int), "video_id")
             names = video_names(number)
-            question = _field(entry, "question", str)
+            question = typed_field(entry, "question", str)
             meta = meta_of(number)
             if "category_id" in entry:
                 meta["category_id"] = entry["category_id"]
             questions.add(
                 where,
                 names,
-                id=str(_int_cell(_field(entry, "id", (int, str)), "id")),
+                id=str(_int_cell(typed_field(entry, "id", (int, str)), "id")),
                 video_id=names[0],
                 question=question,
-                answer=_field(entry, "answer", str),
+                answer=typed_field(entry, "answer", str),
                 qtype=question_word(question),
                 meta=meta,
             )
@@ -197,7 +197,7 @@ def read_msrvtt_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
     these results are reported by; ``category_id`` (MSR-VTT's video category) goes to meta.
     """
     questions = _read_msqa(annotations, lambda n: (f"video{n}",), lambda n: {})
-    return questions.build(_index(annotations, videos).resolve_first)
+    return questions.build(video_index_for(annotations, videos).resolve_first)
 
 
 _MSVD_MAPPING = "youtube_mapping.txt"
@@ -209,7 +209,7 @@ def _msvd_mapping(path: Path) -> dict[str, str]:
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        with _located(path, f"line {line_no}"):
+        with located_errors(path, f"line {line_no}"):
             cells = line.split()
             if len(cells) != 2 or not cells[1].startswith("vid"):
                 raise ValueError(f"expected '<clip name> vid<N>', got {line.strip()!r}")
@@ -239,7 +239,7 @@ def read_msvd_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
         return (mapping[vid], vid)
 
     questions = _read_msqa(annotations, names, lambda n: {"vid": f"vid{n}"} if mapping is not None else {})
-    return questions.build(_index(annotations, videos).resolve_first)
+    return questions.build(video_index_for(annotations, videos).resolve_first)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def read_tgif_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
     if all(c in header for c in _TGIF_MC_COLUMNS):
         for line_no, row in rows:
             where = f"line {line_no}"
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 candidates = [row[f"a{i}"] for i in range(1, _NUM_CHOICES + 1)]
                 index = _int_cell(row["answer"], "answer")
                 if not 0 <= index < _NUM_CHOICES:
@@ -309,7 +309,7 @@ def read_tgif_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
     elif all(c in header for c in _TGIF_FRAMEQA_COLUMNS):
         for line_no, row in rows:
             where = f"line {line_no}"
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 code = _int_cell(row["type"], "type")
                 if not 0 <= code < len(FRAMEQA_TYPES):
                     raise ValueError(f"'type' must be 0-3 (object, number, color, location), got {code}")
@@ -332,7 +332,7 @@ def read_tgif_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
             f"{annotations}: expected TGIF-QA FrameQA columns {list(_TGIF_FRAMEQA_COLUMNS)} or Action / "
             f"Transition columns {list(_TGIF_MC_COLUMNS)} (tab-separated), found {header}"
         )
-    index = _index(annotations, videos)
+    index = video_index_for(annotations, videos)
 
     def resolve(aliases: Sequence[str]) -> Path:
         # VideoIndex does not list .gif files: converted videos are searched, then the official GIF.
@@ -362,18 +362,18 @@ def read_nextqa(annotations: Path, videos: Path | None) -> list[QARecord]:
     next to the CSV (``{video: "<folder>/<video>"}``) a missing video's expected path includes its
     folder and ``meta["vidor_path"]`` keeps it; the recursive index finds present videos either way.
     """
-    header, rows = _csv_rows(annotations)
+    header, rows = read_csv_rows(annotations)
     _check_columns(annotations, header, _NEXTQA_COLUMNS)
     map_path = annotations.parent / _NEXTQA_MAP
     vidor: dict[str, Any] | None = None
     if map_path.is_file():
-        vidor = _load_json(map_path)
+        vidor = load_json(map_path)
         if not isinstance(vidor, dict):
             raise ValueError(f"{map_path}: expected a JSON object video -> '<folder>/<video>'")
     questions = _Questions()
     for line_no, row in rows:
         where = f"line {line_no}"
-        with _located(annotations, where):
+        with located_errors(annotations, where):
             video = row["video"].strip()
             fine = row["type"].strip()
             if fine[:1] not in NEXTQA_QTYPES:
@@ -404,7 +404,7 @@ def read_nextqa(annotations: Path, videos: Path | None) -> list[QARecord]:
                 qtype=NEXTQA_QTYPES[fine[0]],
                 meta=meta,
             )
-    return questions.build(_index(annotations, videos).resolve_first)
+    return questions.build(video_index_for(annotations, videos).resolve_first)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -470,20 +470,20 @@ def read_causal_vidqa(annotations: Path, videos: Path | None) -> list[QARecord]:
             path = qa_folder / video / name
             if not path.is_file():
                 raise FileNotFoundError(f"{annotations}: video {video!r} (entry {line_no}) has no {path}")
-            texts[name] = _load_json(path)
+            texts[name] = load_json(path)
         text, answer = texts["text.json"], texts["answer.json"]
         for number, ((group, part), qtype) in enumerate(zip(_CAUSAL_PARTS, CAUSAL_VIDQA_QTYPES)):
-            with _located(qa_folder / video / "text.json", f"{group}.{part}"):
-                entry = _field(text, group, dict)
-                candidates = _field(entry, part, list)
+            with located_errors(qa_folder / video / "text.json", f"{group}.{part}"):
+                entry = typed_field(text, group, dict)
+                candidates = typed_field(entry, part, list)
                 if len(candidates) != _NUM_CHOICES or not all(isinstance(c, str) for c in candidates):
                     raise ValueError(f"expected {_NUM_CHOICES} candidate strings, got {candidates!r}")
-                question = _field(entry, "question", str)
-            with _located(qa_folder / video / "answer.json", f"{group}.{part}"):
-                index = _int_cell(_field(_field(answer, group, dict), part, int), part)
+                question = typed_field(entry, "question", str)
+            with located_errors(qa_folder / video / "answer.json", f"{group}.{part}"):
+                index = _int_cell(typed_field(typed_field(answer, group, dict), part, int), part)
                 if not 0 <= index < _NUM_CHOICES:
                     raise ValueError(f"must be a candidate index 0-{_NUM_CHOICES - 1}, got {index}")
-            with _located(annotations, where):
+            with located_errors(annotations, where):
                 questions.add(
                     where,
                     id=f"{video}_{number}",

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mama.config import QAConfig
-from mama.models.dual_encoder import Block, run_blocks
+from mama.models.layers import Block, run_blocks
 
 ANSWER_FORMATS = ("open", "mc")
 

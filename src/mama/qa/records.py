@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mama.data.datasets import VideoIndex, _field, _json_rows, _located
+from mama.data.datasets import VideoIndex, located_errors, read_json_rows, typed_field
 from mama.data.records import write_jsonl
 
 __all__ = [
@@ -150,17 +150,17 @@ class QARecord:
 
 def _multiple_choice(obj: Mapping[str, Any]) -> tuple[list[str], int, str]:
     """(candidates, answer_index, answer) of a JSONL line with "candidates"; the two answers must agree."""
-    candidates = _field(obj, "candidates", list)
+    candidates = typed_field(obj, "candidates", list)
     if not all(isinstance(c, str) for c in candidates):
         raise ValueError('"candidates" must be a list of strings')
     if "answer_index" in obj:
-        index = _field(obj, "answer_index", int)
+        index = typed_field(obj, "answer_index", int)
         if isinstance(index, bool) or not 0 <= index < len(candidates):
             raise ValueError(f'"answer_index" must be an index into the {len(candidates)} candidates, got {index!r}')
-        if "answer" in obj and _field(obj, "answer", str) != candidates[index]:
+        if "answer" in obj and typed_field(obj, "answer", str) != candidates[index]:
             raise ValueError(f'"answer" {obj["answer"]!r} is not candidate {index} ({candidates[index]!r})')
         return candidates, index, candidates[index]
-    answer = _field(obj, "answer", str)
+    answer = typed_field(obj, "answer", str)
     matches = [i for i, c in enumerate(candidates) if c == answer]
     if len(matches) != 1:
         found = "is not among" if not matches else "occurs more than once in"
@@ -173,15 +173,15 @@ def _parse_line(obj: Any, root: Path, index: VideoIndex | None) -> QARecord:
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "video" not in obj and "video_id" not in obj:
         raise ValueError('missing "video" or "video_id"')
-    video_field = _field(obj, "video", str) if "video" in obj else None
-    video_id = _field(obj, "video_id", str) if "video_id" in obj else Path(video_field or "").stem
+    video_field = typed_field(obj, "video", str) if "video" in obj else None
+    video_id = typed_field(obj, "video_id", str) if "video_id" in obj else Path(video_field or "").stem
     if "candidates" in obj:
         candidates, answer_index, answer = _multiple_choice(obj)
         kind = "mc"
     else:
         if "answer_index" in obj:
             raise ValueError('"answer_index" without "candidates"')
-        candidates, answer_index, answer, kind = [], None, _field(obj, "answer", str), "open"
+        candidates, answer_index, answer, kind = [], None, typed_field(obj, "answer", str), "open"
     if "kind" in obj and obj["kind"] != kind:
         raise ValueError(f'"kind" is {obj["kind"]!r} but the line {"has" if candidates else "has no"} candidates')
     if index is not None:
@@ -193,15 +193,15 @@ def _parse_line(obj: Any, root: Path, index: VideoIndex | None) -> QARecord:
     else:
         video = root / f"{video_id}.mp4"
     return QARecord(
-        id=_field(obj, "id", str),
+        id=typed_field(obj, "id", str),
         video_id=video_id,
         video=video,
-        question=_field(obj, "question", str),
+        question=typed_field(obj, "question", str),
         answer=answer,
         kind=kind,
         candidates=candidates,
         answer_index=answer_index,
-        qtype=_field(obj, "qtype", str) if "qtype" in obj else "",
+        qtype=typed_field(obj, "qtype", str) if "qtype" in obj else "",
         meta={k: v for k, v in obj.items() if k not in _RESERVED_KEYS},
     )
 
@@ -227,8 +227,8 @@ def read_qa_jsonl(path: str | os.PathLike[str], videos: str | os.PathLike[str] |
     index = VideoIndex(videos) if videos is not None else None
     records: list[QARecord] = []
     first_seen: dict[str, str] = {}
-    for where, obj in _json_rows(path):
-        with _located(path, where):
+    for where, obj in read_json_rows(path):
+        with located_errors(path, where):
             record = _parse_line(obj, path.parent, index)
             if record.id in first_seen:
                 raise ValueError(f"duplicate question id {record.id!r} (first at {first_seen[record.id]})")

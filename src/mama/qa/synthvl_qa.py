@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from mama.data.records import read_jsonl, write_jsonl
-from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, _shape_mask
+from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, shape_mask
 from mama.data.video import probe_video, write_video
 
 __all__ = ["QTYPES", "is_current", "make_questions", "write_synthvl_qa"]
@@ -142,7 +142,7 @@ def render_count_clip(count: int, num_frames: int, frame_size: int, rng: np.rand
         cx = quarter * (1 + 2 * (cell % 2)) + rng.uniform(-0.25, 0.25) * quarter
         cy = quarter * (1 + 2 * (cell // 2)) + rng.uniform(-0.25, 0.25) * quarter
         shape, colour = str(rng.choice(SHAPES)), str(rng.choice(tuple(COLOURS)))
-        frame[_shape_mask(shape, xs - cx, ys - cy, half)] = COLOURS[colour]
+        frame[shape_mask(shape, xs - cx, ys - cy, half)] = COLOURS[colour]
     return np.repeat(frame[None], num_frames, axis=0)
 
 
