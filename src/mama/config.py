@@ -10,13 +10,35 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+
+# Enum-like settings. Checked when a config is loaded, so a typo fails at once, naming the key and the
+# allowed values, instead of wherever the value is first used; other modules use them in signatures.
+DecodeMode = Literal["cache", "stream"]
+LossMode = Literal["official", "positives"]
+MetaOptimizer = Literal["adam", "sgd"]
+MetaMethod = Literal["exact", "first_order"]
+Schedule = Literal["cosine", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Split = Literal["train", "meta", "val", "test"]
+AnswerFormat = Literal["open", "mc"]
+Temporal = Literal["meanP", "seqTransf"]
+TaskName = Literal["retrieval", "qa"]
+LoggerName = Literal["jsonl", "tensorboard"]
+
+
+def resumable(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A field that ``--resume`` may change: it affects logging, speed or where things go, never what
+    is trained. Everything else must match the checkpoint's config (see :func:`resume_changes`).
+    Pass ``default_factory=...`` instead of ``default`` for mutable defaults."""
+    return field(default=default, metadata={"resume": True}, **kw)
 
 
 @dataclass
@@ -34,8 +56,8 @@ class DataConfig:
     val: str = "val.jsonl"
     test: str = "test.jsonl"
     lvlm_captions: list[str] = field(default_factory=list)  # JSONL files of `mama augment`: join the train pools as "lvlm"
-    decode: str = "cache"  # "cache": decode once into a safetensors frame cache | "stream": decode every batch
-    workers: int = 0  # data-loading worker processes (stream decoding); 0 = in the training process
+    decode: DecodeMode = "cache"  # "cache": decode once into a safetensors frame cache | "stream": decode every batch
+    workers: int = resumable(0)  # data-loading worker processes (stream decoding); 0 = in the training process
     cached_frames: int = 0  # frames kept per video (cache) or sampling slots (stream); 0 = 2 x num_frames
     synthvl: bool = True  # root is a SynthVL dataset: generate it there when absent
     synthvl_seed: int = 0
@@ -59,14 +81,14 @@ class ModelConfig:
     max_text_length: int = 32
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% slower
     pretrained: str = ""  # pretrained backbone: Hugging Face hub id or local folder (e.g. openai/clip-vit-base-patch32)
-    temporal: str = "meanP"  # CLIP frame aggregation: "meanP" (mean pooling) | "seqTransf" (temporal transformer)
+    temporal: Temporal = "meanP"  # CLIP frame aggregation: "meanP" (mean pooling) | "seqTransf" (temporal transformer)
     temporal_layers: int = 4  # seqTransf depth
 
 
 @dataclass
 class LossConfig:
     margin: float = 0.0  # mu, radians; 0 = InfoNCE
-    mode: str = "official"  # "official" | "positives"
+    mode: LossMode = "official"
     # log of the initial scale. CLIP trains from scratch at ln(1/0.07) = 2.66; the authors fine-tune a
     # pretrained CLIP whose scale already sits at ln 100 (use that for pretrained backbones).
     init_logit_scale: float = math.log(1 / 0.07)
@@ -79,7 +101,7 @@ class MetaConfig:
     enabled: bool = False
     hidden: int = 64  # weighting-net hidden units (authors: 64)
     zero_init: bool = True  # output layer starts at zero: flat map, uniform weights (False: PyTorch init)
-    optimizer: str = "adam"  # "adam" | "sgd"
+    optimizer: MetaOptimizer = "adam"
     # 1e-3 (Meta-Weight-Net's value) saturated the sigmoid at 1 for every loss within ~500 SynthVL
     # steps, after which the weights are uniform and the net gets no gradient; 1e-4 stays responsive.
     lr: float = 1e-4  # per training step: with interval k each weighting-net update uses k * lr
@@ -101,7 +123,7 @@ class MetaConfig:
     # "exact": second-order meta-gradient through the virtual step (Meta-Weight-Net).
     # "first_order": no second-order graph; the meta-gradient is linearised at the current parameters
     # (see mama.weighting.MetaWeighting.first_order_update).
-    method: str = "exact"
+    method: MetaMethod = "exact"
     fd_step: float = 1e-2  # first_order: parameter-space length of the finite-difference probe
 
 
@@ -113,7 +135,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-8  # AdamW epsilon (open_clip uses 1e-6 for ViTs)
     warmup_frac: float = 0.05  # fraction of steps with linear warm-up
-    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule: Schedule = "cosine"
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     # Learning rate of the pretrained backbone's parameters (the model's ``backbone_prefixes``); new layers
     # (temporal transformer, weighting heads) and the logit scale use ``lr``. None: ``lr`` for everything.
@@ -125,28 +147,32 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1500
     batch_size: int = 64  # global: split over ranks, then over accum_steps micro-batches
-    accum_steps: int = 1  # micro-batches per rank and step; negatives still span the whole batch
-    out_dir: str = "runs/default"
-    overwrite: bool = False  # replace a finished or partial run in out_dir (default: refuse)
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
-    log_every: int = 25
-    eval_every: int = 0  # validation every k steps (0: only at the end)
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    log_weights_every: int = 0  # write per-sample losses and weights every k steps (0: never)
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    progress: bool = True
+    accum_steps: int = resumable(1)  # micro-batches per rank and step; negatives still span the whole batch
+    out_dir: str = resumable("runs/default")
+    overwrite: bool = resumable(False)  # replace a finished or partial run in out_dir (default: refuse)
+    device: str = resumable("auto")  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1" ...
+    precision: Precision = "fp32"
+    log_every: int = resumable(25)
+    eval_every: int = resumable(0)  # validation every k steps (0: only at the end)
+    checkpoint_every: int = resumable(0)  # 0: only at the end
+    keep_last: int = resumable(2)
+    log_weights_every: int = resumable(0)  # write per-sample losses and weights every k steps (0: never)
+    threads: int = resumable(0)  # torch intra-op threads; 0 leaves torch's default
+    progress: bool = resumable(True)
+    # Metric sinks, written by rank 0 only. "jsonl" (out_dir/log.jsonl) is always recommended: a
+    # dependency-free record that a resume trims back to the checkpoint's step. "tensorboard" writes
+    # event files under out_dir/tensorboard and needs the `tensorboard` extra.
+    loggers: list[LoggerName] = resumable(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    batch_size: int = 256
-    chunk_size: int = 1024
+    split: Split = "test"
+    batch_size: int = resumable(256)
+    chunk_size: int = resumable(1024)
     # Also report dual-softmax (DSL) re-ranked metrics as dsl_*: they use statistics of the whole test
     # query set, so they are an inference-time trick, reported next to (never instead of) the raw ones.
-    dsl: bool = False
+    dsl: bool = resumable(False)
 
 
 @dataclass
@@ -161,7 +187,7 @@ class QAConfig:
     dropout: float = 0.1
     # Which head the model has: "open" (classify over the answer vocabulary) or "mc" (score candidates).
     # One head only: the other would never get a gradient (dead weights, and DDP would wait for them).
-    answer_format: str = "open"
+    answer_format: AnswerFormat = "open"
     format: str = "jsonl"  # QA annotation layout (mama.qa.datasets.QA_FORMATS); files relative to data.root
     train: str = "qa_train.jsonl"
     meta: str = "qa_meta.jsonl"  # clean, balanced questions for the weighting net
@@ -183,7 +209,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     qa: QAConfig = field(default_factory=QAConfig)
-    task: str = "retrieval"  # "retrieval" | "qa" (open-ended video question answering, mama.qa.engine)
+    task: TaskName = "retrieval"  # "qa": open-ended video question answering (mama.qa.engine)
 
 
 class ConfigError(ValueError):
@@ -205,6 +231,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        # Compare types too: True == 1, but a bool is not an int here (as for plain int fields below).
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -243,6 +275,39 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def resumable_fields() -> set[str]:
+    """Dotted names of the :class:`Config` fields declared with :func:`resumable`."""
+    return set(_resumable(Config, ""))
+
+
+def _resumable(cls: type, prefix: str) -> Iterator[str]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("resume"):
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(hints[f.name]):
+            yield from _resumable(hints[f.name], f"{prefix}{f.name}.")
+
+
+def resume_changes(saved: dict[str, Any], current: Config) -> list[str]:
+    """``"section.key: old -> new"`` for every non-resumable setting in which ``current`` differs from
+    ``saved`` (a checkpoint's :func:`to_dict` config); [] when a resume may go ahead."""
+    # Keys added to the config after the checkpoint was written take their defaults, which reproduce
+    # the behaviour of the version that wrote it.
+    return list(_changes(to_dict(from_dict(Config, saved)), current, ""))
+
+
+def _changes(saved: dict[str, Any], current: Any, prefix: str) -> Iterator[str]:
+    for f in dataclasses.fields(current):
+        if f.metadata.get("resume"):
+            continue
+        value = getattr(current, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _changes(saved[f.name], value, f"{prefix}{f.name}.")
+        elif saved[f.name] != value:
+            yield f"{prefix}{f.name}: {saved[f.name]!r} -> {value!r}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
