@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from mama.config import load_config
-from mama.engine import load_data, train
+from mama.tasks import train
+from mama.tasks.retrieval import load_data
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ meta periods is reported together with its ratio to the plain step:
     python benchmarks/meta_overhead.py [--batch-size 64] [--repeats 32] [--device cpu|cuda]
                                        [--precision fp32|bf16] [key=value model overrides]
 
-Variants cross the three ways to make the meta step cheaper (issue: scale out, point 5): the virtual
+Variants cross the three ways to make the meta step cheaper: the virtual
 step over all parameters or only the projection heads + logit scale (``meta.virtual_params``), a meta
 update every k steps (``meta.interval``), and the exact second-order meta-gradient or its first-order
 linearisation (``meta.method``). Run it alone: a second busy process on 2 cores distorts timings.
@@ -22,14 +22,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.func import functional_call
 
 from mama.config import load_config
 from mama.models import create_model
-from mama.precision import autocast
-from mama.task import RetrievalTask
+from mama.precision import grad_scaler
+from mama.tasks.retrieval import RetrievalModule
 from mama.tokenizer import WordTokenizer
-from mama.weighting import MetaWeighting, meta_forward_context
+from mama.training.state import TrainState
+from mama.training.step import StepSettings, meta_weighted_step
+from mama.weighting import MetaWeighting
 
 WORDS = "a the small large red green blue yellow circle square triangle moves left right up down on background".split()
 
@@ -95,31 +96,21 @@ def main(argv: list[str] | None = None) -> None:
 
     def runner(prefixes: list[str] | None, interval: int, method: str) -> Callable[[int], None]:
         torch.manual_seed(0)
-        task = RetrievalTask(create_model(cfg.model, tokenizer), cfg.loss).to(device)
-        optimizer = torch.optim.AdamW(task.parameters(), lr=1e-4)
+        module = RetrievalModule(create_model(cfg.model, tokenizer), cfg.loss).to(device)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
         meta = None
         if prefixes is not None:
             meta_cfg = dataclasses.replace(cfg.meta, enabled=True, virtual_params=prefixes, interval=interval, method=method)
-            meta = MetaWeighting(meta_cfg, task)
+            meta = MetaWeighting(meta_cfg, module)
             meta.wnet.to(device)
-
-        def train_forward(params: dict) -> torch.Tensor:
-            return functional_call(task, params, (train_batch,))["loss_per_sample"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        state = TrainState(module, optimizer, scheduler, grad_scaler(device, args.precision), meta)
+        settings = StepSettings(precision=args.precision)
 
         def step(i: int) -> None:
-            # The engine's step: one shared forward for the meta step and the real update.
+            # The engine's own step (mama.training.step): one shared forward for the meta step and the update.
             meta_now = meta is not None and meta.is_meta_step(i)
-            exact = meta_now and method == "exact"
-            with meta_forward_context(exact), autocast(device, args.precision):
-                losses = task(train_batch)["loss_per_sample"]
-                if meta is None:
-                    weights = torch.full_like(losses, 1.0 / len(losses))
-                else:
-                    weights = meta.step(task, losses, meta_batch if meta_now else None, i, train_forward=train_forward).weights
-            optimizer.zero_grad(set_to_none=True)
-            with meta_forward_context(exact):
-                (weights * losses).sum().backward()
-            optimizer.step()
+            meta_weighted_step(state, train_batch, meta_batch if meta_now else None, i, settings)
             sync()
 
         return step

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mama.metrics import _COLUMN_TILE, metrics_from_ranks, retrieval_ranks
+from mama.metrics.retrieval import _COLUMN_TILE, metrics_from_ranks, retrieval_ranks
 
 _GEN_BLOCK = 8192  # rows generated at once, so creating the inputs leaves no large peak behind
 

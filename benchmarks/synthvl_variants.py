@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mama.config import save_config
-from mama.demo import variant_config
-from mama.engine import load_data
+from mama.demos.retrieval import variant_config
+from mama.tasks.retrieval import load_data
 
 # name -> (demo variant, extra overrides). meta.lr is per training step (an update every k steps
 # uses k * meta.lr); the "update lr 1e-4" variants undo that scaling to keep each update at 1e-4.

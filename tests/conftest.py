@@ -86,3 +86,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_qa_data(tiny_synthvl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SynthVL plus its SynthVL QA files (open-ended and multiple choice), shared read-only."""
+    import shutil
+
+    from mama.data.synthvl_qa import write_synthvl_qa
+
+    root = tmp_path_factory.mktemp("tiny_qa") / "data"
+    shutil.copytree(tiny_synthvl, root, ignore=shutil.ignore_patterns(".cache"))
+    write_synthvl_qa(root)
+    return root

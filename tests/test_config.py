@@ -9,7 +9,7 @@ import yaml
 from mama.config import Config, ConfigError, load_config, resumable_fields, resume_changes, save_config, to_dict
 from mama.data.datasets import DATASET_FORMATS
 from mama.models import list_models
-from mama.qa.datasets import QA_FORMATS
+from mama.data.qa_datasets import QA_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -21,7 +21,7 @@ from mama.checkpoint import load_checkpoint
 from mama.config import LossConfig, MetaConfig, ModelConfig, load_config
 from mama.distributed import all_reduce_sum_, gather_rows
 from mama.models import create_model
-from mama.task import RetrievalTask
+from mama.tasks.retrieval.module import RetrievalModule
 from mama.tokenizer import WordTokenizer
 from mama.weighting import MetaWeighting, meta_forward_context
 
@@ -40,13 +40,13 @@ RECIPE = str(Path(__file__).parents[1] / "configs" / "synthvl_mama.yaml")  # the
 ACTIVE_META = ["meta.enabled=true", "meta.zero_init=false", "meta.lr=1.0", "meta.interval=1"]
 
 
-def build_case() -> tuple[RetrievalTask, MetaConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def build_case() -> tuple[RetrievalModule, MetaConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A float64 tiny task, a meta config with the virtual step over *all* parameters (so the
     second-order graph crosses the all-gathers of the trunk), and fixed train and meta batches."""
     torch.manual_seed(0)
     cfg = ModelConfig(width=16, heads=2, embed_dim=8, video_layers=1, text_layers=1, stem_channels=2, frame_size=16, max_frames=4, max_text_length=8)
     tokenizer = WordTokenizer.build(WORDS, max_length=cfg.max_text_length)
-    task = RetrievalTask(create_model(cfg, tokenizer), LossConfig(margin=0.05)).double()
+    task = RetrievalModule(create_model(cfg, tokenizer), LossConfig(margin=0.05)).double()
     g = torch.Generator().manual_seed(1)
 
     def batch(n: int) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ def _torchrun(args: list[str], tmp_path: Path, expect_ok: bool = True) -> subpro
     return done
 
 
-def compute_case(task: RetrievalTask, meta_cfg: MetaConfig, train: dict[str, Any], meta_batch: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
+def compute_case(task: RetrievalModule, meta_cfg: MetaConfig, train: dict[str, Any], meta_batch: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
     """What the comparison looks at, computed from this process's rows (all rows when ``world`` is 1):
     the gradient of the global mean loss, the per-sample losses, and the result of one exact and one
     first-order meta step (meta loss, weights, updated weighting net), gathered in rank order."""
@@ -158,7 +158,7 @@ def _assert_close_runs(a: Path, b: Path, atol: float) -> None:
 def test_two_process_training_equals_one_process(
     variant: list[str], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
 ) -> None:
-    from mama.engine import train
+    from mama.tasks import train
 
     common = [*STABLE, *variant, "train.checkpoint_every=3"]
     result = train(load_config(RECIPE, [*tiny_overrides(tiny_synthvl, tmp_path / "one"), *common]))
@@ -183,7 +183,7 @@ def test_two_process_training_equals_one_process(
 def test_two_process_run_resumes_on_one_process(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
     """A checkpoint from 2 ranks resumes on 1 (the global batch is what matters) and ends where an
     uninterrupted single-process run ends."""
-    from mama.engine import train
+    from mama.tasks import train
 
     common = [*STABLE, *ACTIVE_META, "train.checkpoint_every=2", "train.keep_last=5"]
     train(load_config(RECIPE, [*tiny_overrides(tiny_synthvl, tmp_path / "one"), *common]))

@@ -18,7 +18,7 @@ from mama.checkpoint import load_checkpoint
 from mama.cli import main
 from mama.config import load_config
 from mama.data.video import write_video
-from mama.engine import train
+from mama.tasks import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "msrvtt_clip_b32.yaml"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (230, 230, 230), "black": (10, 10, 10)}
@@ -142,7 +142,7 @@ def test_msrvtt_recipe_trains_and_evaluates_with_tiny_clip(
 
 
 def test_meta_holdout_is_the_same_for_every_variant(msrvtt: dict[str, Path], tiny_clip_dir: Path, tmp_path: Path) -> None:
-    from mama.engine import read_records
+    from mama.tasks.retrieval.data import read_records
 
     cfg = load_config(RECIPE, _overrides(msrvtt, tiny_clip_dir, tmp_path / "run"))
     with_meta = read_records(cfg, Path(cfg.data.root), ("train", "meta"))
@@ -171,7 +171,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 def test_stream_decoding_workers_give_the_same_training(tiny_synthvl: Path, tiny_overrides: Any, tmp_path: Path) -> None:
     """Decoding in worker processes changes where batches are built, not what they hold, including
     the replacement of videos that break mid-run and how they are counted."""
-    from mama.data.clips import _generator
+    from mama.data.clips import seeded_generator
     from mama.data.video import decode_frames
 
     root = tmp_path / "data"
@@ -179,7 +179,7 @@ def test_stream_decoding_workers_give_the_same_training(tiny_synthvl: Path, tiny
     lines = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
     # Two videos of the first batch become frame folders whose frames after the first are corrupt: they
     # pass the check when the split loads and fail when a batch decodes them.
-    first_batch = torch.randperm(len(lines), generator=_generator(0, 0, 0))[:16].tolist()
+    first_batch = torch.randperm(len(lines), generator=seeded_generator(0, 0, 0))[:16].tolist()
     broken = []
     for index in first_batch[:2]:
         folder = root / "videos" / f"broken_{index}"

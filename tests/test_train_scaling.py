@@ -17,7 +17,7 @@ import torch
 
 from mama.checkpoint import load_checkpoint
 from mama.config import ConfigError, load_config, save_config
-from mama.engine import train
+from mama.tasks import train
 from test_distributed import assert_weighting_net_moved
 from test_engine import _assert_same_tensors
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from mama.config import LossConfig, MetaConfig, ModelConfig
 from mama.losses import LogitScale, angular_margin_nce
 from mama.models import create_model
-from mama.task import RetrievalTask
+from mama.tasks.retrieval.module import RetrievalModule
 from mama.tokenizer import WordTokenizer
 from mama.weighting import (
     MetaWeighting,
@@ -441,7 +441,7 @@ def test_meta_step_through_attention_model():
         max_text_length=12,
     )
     tokenizer = WordTokenizer.build(captions, max_length=model_cfg.max_text_length)
-    task = RetrievalTask(create_model(model_cfg, tokenizer), LossConfig(margin=0.05))
+    task = RetrievalModule(create_model(model_cfg, tokenizer), LossConfig(margin=0.05))
 
     def batch(texts):
         input_ids, attention_mask = tokenizer(texts)

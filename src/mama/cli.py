@@ -14,53 +14,41 @@ from mama.config import ConfigError
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from mama.data.synthvl import generate
-    from mama.engine import synthvl_config
+    from mama.data.synthvl import generate, scaled_config
 
-    out = generate(Path(args.out), synthvl_config(args.seed, args.scale), progress=not args.no_progress, workers=args.workers)
+    out = generate(Path(args.out), scaled_config(args.seed, args.scale), progress=not args.no_progress, workers=args.workers)
     print(f"SynthVL written to {out}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mama.config import load_config
-    from mama.engine import train
+    from mama.tasks import train
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.task == "qa":
-        from mama.qa.engine import train_qa
-
-        if args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("task: qa trains in one process and without --resume for now")
-        qa_result = train_qa(cfg)
-        print(json.dumps({"out_dir": str(qa_result.out_dir), **qa_result.metrics}, indent=2))
-        return 0
-    if cfg.task != "retrieval":
-        raise ConfigError(f"task must be 'retrieval' or 'qa', got {cfg.task!r}")
-    result = train(cfg, resume=args.resume)
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
         print(json.dumps({"out_dir": str(result.out_dir), **result.metrics}, indent=2))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mama.engine import evaluate_checkpoint
+    from mama.tasks import evaluate_run
 
-    metrics = evaluate_checkpoint(Path(args.checkpoint), split=args.split, progress=not args.no_progress)
+    metrics = evaluate_run(Path(args.checkpoint), split=args.split, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mama.embed import export_pretrained
+    from mama.inference.embed import export_pretrained
 
     out = export_pretrained(Path(args.checkpoint), Path(args.out))
-    print(f"model written to {out} (load it with mama.embed.Encoder.from_pretrained or `mama embed --model {out}`)")
+    print(f"model written to {out} (load it with mama.inference.embed.Encoder.from_pretrained or `mama embed --model {out}`)")
     return 0
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from mama.embed import Encoder, build_index, list_inputs
+    from mama.inference.embed import Encoder, build_index, list_inputs
 
     videos, texts = list_inputs(
         videos=Path(args.videos) if args.videos else None,
@@ -75,7 +63,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from mama.embed import search
+    from mama.inference.embed import search
 
     results = search(Path(args.index), args.queries, args.top_k)
     if args.json:
@@ -189,7 +177,7 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mama.demo import run_demo
+    from mama.demos.retrieval import run_demo
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -198,7 +186,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
 
     if args.task == "qa":
-        from mama.qa.demo import run_qa_demo
+        from mama.demos.qa import run_qa_demo
 
         run_qa_demo(
             out_dir=Path(args.out if args.out != "runs/demo" else "runs/demo_qa"), quick=args.quick, seeds=args.seeds,

@@ -188,7 +188,7 @@ class QAConfig:
     # Which head the model has: "open" (classify over the answer vocabulary) or "mc" (score candidates).
     # One head only: the other would never get a gradient (dead weights, and DDP would wait for them).
     answer_format: AnswerFormat = "open"
-    format: str = "jsonl"  # QA annotation layout (mama.qa.datasets.QA_FORMATS); files relative to data.root
+    format: str = "jsonl"  # QA annotation layout (mama.data.qa_datasets.QA_FORMATS); files relative to data.root
     train: str = "qa_train.jsonl"
     meta: str = "qa_meta.jsonl"  # clean, balanced questions for the weighting net
     # With meta "" : hold this many training questions out as the meta set, balanced over

@@ -57,7 +57,7 @@ def decode_clip(path: Path, indices: Sequence[int], frame_size: int) -> Tensor:
     return center_crop(frames, frame_size)
 
 
-def _generator(*keys: int) -> torch.Generator:
+def seeded_generator(*keys: int) -> torch.Generator:
     # Mix the keys into one 63-bit seed so (seed, step) pairs never collide in practice.
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
@@ -243,7 +243,7 @@ class ClipSet:
     def _substitute(self, video: int, in_batch: set[int]) -> int:
         """A good video to stand in for ``video``: deterministic, spread over the split (a run of bad
         files, e.g. one broken folder, is not tried one by one), and not already in the batch."""
-        order = torch.randperm(len(self), generator=_generator(video, 3)).tolist()
+        order = torch.randperm(len(self), generator=seeded_generator(video, 3)).tolist()
         for candidate in order:
             if candidate not in self._bad and candidate not in in_batch:
                 return candidate
@@ -264,9 +264,9 @@ class ClipSet:
         if steps_per_epoch == 0:
             raise ValueError(f"batch size {batch_size} exceeds the {len(self)} training videos")
         epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(self), generator=_generator(seed, 0, epoch))
+        order = torch.randperm(len(self), generator=seeded_generator(seed, 0, epoch))
         video_index = order[position * batch_size : (position + 1) * batch_size]
-        g = _generator(seed, 1, step)
+        g = seeded_generator(seed, 1, step)
         pick = (torch.rand(batch_size, generator=g) * self.pool_size[video_index]).long()
         caption_index = self.pool_start[video_index] + pick
         frame_index = segment_random_indices(self.num_slots, num_frames, batch_size, g)
@@ -277,7 +277,7 @@ class ClipSet:
     ) -> dict[str, Any]:
         """A batch of ``batch_size`` distinct random videos (all of them if fewer), for meta steps;
         ``rows`` selects this rank's share."""
-        g = _generator(seed, 2, step)
+        g = seeded_generator(seed, 2, step)
         video_index = torch.randperm(len(self), generator=g)[:batch_size]
         pick = (torch.rand(len(video_index), generator=g) * self.pool_size[video_index]).long()
         frame_index = segment_random_indices(self.num_slots, num_frames, len(video_index), g)

@@ -179,7 +179,7 @@ class VideoIndex:
 
 # ---------------------------------------------------------------------------------------------------
 # Shared parts: error locations, typed field access, record building. The file readers and field access
-# are public because the QA readers (mama.qa.datasets, mama.qa.records) parse their annotations with them.
+# are public because the QA readers (mama.data.qa_datasets, mama.data.qa_records) parse their annotations with them.
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mama.config import DataConfig
 from mama.data.records import write_jsonl
 from mama.data.video import write_video
 
@@ -220,7 +221,7 @@ def concept_table(cfg: SynthConfig) -> list[dict[str, Any]]:
 
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
     """Boolean mask of ``shape`` given pixel offsets from its centre and its half extent (pixels); the QA
-    clips (mama.qa.synthvl_qa) draw their shapes with it too, so both datasets look alike."""
+    clips (mama.data.synthvl_qa) draw their shapes with it too, so both datasets look alike."""
     adx, ady = np.abs(dx), np.abs(dy)
     if shape == "circle":
         return dx**2 + dy**2 <= half**2
@@ -690,3 +691,25 @@ def generate(
     tmp_meta.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_meta, out_dir / METADATA_NAME)
     return out_dir
+
+
+def scaled_config(seed: int, scale: float = 1.0) -> SynthConfig:
+    """SynthVL's default settings with every split size multiplied by ``scale`` (at least 30 videos)."""
+    base = SynthConfig(seed=seed)
+    if scale == 1.0:
+        return base
+    sizes = {k: max(30, round(getattr(base, k) * scale)) for k in ("num_train", "num_meta", "num_val", "num_test")}
+    return dataclasses.replace(base, **sizes)
+
+
+def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
+    """The dataset root ``cfg.root``; with ``cfg.synthvl`` a SynthVL dataset is generated there first
+    when absent or incomplete."""
+    root = Path(cfg.root)
+    if cfg.synthvl:
+        synth_cfg = scaled_config(cfg.synthvl_seed, cfg.synthvl_scale)
+        if not is_complete(root, synth_cfg):
+            generate(root, synth_cfg, progress=progress)
+    elif not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} does not exist")
+    return root

@@ -1,4 +1,4 @@
-"""Tests for mama.qa.records and mama.qa.datasets: the question record and the QA benchmark readers.
+"""Tests for mama.data.qa_records and mama.data.qa_datasets: the question record and the QA benchmark readers.
 
 Each fixture is a few questions in the real layout (file names, columns, keys; rows taken from the
 official releases) written into tmp_path; videos are empty placeholder files, since only the index
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mama.qa.datasets import QA_FORMATS, read_qa_dataset
-from mama.qa.records import QARecord, question_word, read_qa_jsonl, write_qa_jsonl
+from mama.data.qa_datasets import QA_FORMATS, read_qa_dataset
+from mama.data.qa_records import QARecord, question_word, read_qa_jsonl, write_qa_jsonl
 
 
 def _touch(root: Path, *names: str) -> None:

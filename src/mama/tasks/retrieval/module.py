@@ -1,8 +1,8 @@
-"""The retrieval task: a video-text model plus its contrastive loss, returning named losses."""
+"""The retrieval task module: a video-text model plus its contrastive loss, returning per-sample losses."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,8 @@ class EmbeddingCache:
         return EmbeddingCache(self.video_emb, self.text_emb, rows)
 
 
-class RetrievalTask(nn.Module):
-    """Owns the model and the learnable logit scale; ``forward(batch)`` gives per-sample losses.
+class RetrievalModule(nn.Module):
+    """The retrieval task module. Owns the model and the learnable logit scale; ``forward(batch)`` gives per-sample losses.
 
     ``batch``: ``video`` (B, T, C, H, W) float, ``input_ids`` and ``attention_mask`` (B, L).
     """
@@ -71,6 +71,19 @@ class RetrievalTask(nn.Module):
         loss = self.loss(video_emb, text_emb, scale_grad)
         return {"loss_per_sample": loss, "video_emb": video_emb, "text_emb": text_emb}
 
+    @torch.no_grad()
+    def cache_batch(self, micro_batches: Sequence[Mapping[str, Any]]) -> EmbeddingCache:
+        """Embed every micro-batch without gradients and stack them into one cache (n, D)."""
+        pairs = [self.encode(mb) for mb in micro_batches]
+        return EmbeddingCache(torch.cat([v for v, _ in pairs]), torch.cat([t for _, t in pairs]))
+
+    def cached_loss(self, cache: EmbeddingCache) -> Tensor:
+        """(n,) per-sample losses of the cached batch (no gradient when the cache has none)."""
+        return self.loss(cache.video_emb, cache.text_emb)
+
+    def after_optimizer_step(self) -> None:
+        self.logit_scale.clamp_()
+
     def loss(self, video_emb: Tensor, text_emb: Tensor, scale_grad: bool = True) -> Tensor:
         """(n,) per-sample losses of this rank's (n, D) embeddings against the global batch."""
         # Negatives span the global batch when several processes train together.
@@ -88,10 +101,3 @@ class RetrievalTask(nn.Module):
             all_text_emb=all_text,
             offset=offset,
         )
-
-
-@torch.no_grad()
-def encode_for_cache(task: RetrievalTask, micro_batches: list[Mapping[str, Any]]) -> EmbeddingCache:
-    """Embed every micro-batch without gradients and stack them into one cache (n, D)."""
-    pairs = [task.encode(mb) for mb in micro_batches]
-    return EmbeddingCache(torch.cat([v for v, _ in pairs]), torch.cat([t for _, t in pairs]))

@@ -11,7 +11,7 @@ concatenation with padded text keys masked out, and the [CLS] state answers the 
 counterpart of VIOLET's answer prediction at a [MASK] token (method.md section 4):
 
 - open-ended (``answer_format="open"``): an MLP head classifies the [CLS] state over the K most frequent
-  training answers (:class:`mama.qa.metrics.AnswerVocab`);
+  training answers (:class:`mama.metrics.qa.AnswerVocab`);
 - multiple choice (``answer_format="mc"``): every candidate is fused as its own text (question +
   candidate) with the same video, and a linear head scores its [CLS] state; the candidates of a sample
   compete in a softmax (in the task's loss).
@@ -20,7 +20,7 @@ Positions come from the encoder (the tiny dual encoder adds frame and word posit
 transformers; CLIP's text tower has positions, its frame features have them only with seqTransf): the
 fusion adds none of its own.
 
-The model never computes losses (see :class:`mama.qa.task.QATask`).
+The model never computes losses (see :class:`mama.tasks.qa.module.QAModule`).
 """
 
 from __future__ import annotations

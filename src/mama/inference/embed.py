@@ -100,10 +100,11 @@ class Encoder:
             trained_frames = int(extra.get("num_frames", model_cfg.max_frames))
             slots = int(extra.get("num_slots", 2 * trained_frames))
         else:
-            from mama.engine import load_trained
+            from mama.tasks import load_run
 
-            cfg, task, tokenizer, _ = load_trained(path)
-            model_cfg, model, trained_frames = cfg.model, task.model, cfg.data.num_frames
+            trained = load_run(path)
+            cfg = trained.cfg
+            model_cfg, model, tokenizer, trained_frames = cfg.model, trained.encoder, trained.task.tokenizer, cfg.data.num_frames
             slots = cfg.data.cached_frames or 2 * cfg.data.num_frames
         frames = num_frames or trained_frames
         model.eval().to(device)
@@ -283,11 +284,13 @@ def list_inputs(
 
 
 def export_pretrained(checkpoint: Path, out: Path) -> Path:
-    """Write the model of a run (or checkpoint) as a self-contained folder for :meth:`Encoder.from_pretrained`."""
-    from mama.engine import load_trained
+    """Write the video-text model of a run (or checkpoint) as a self-contained folder for
+    :meth:`Encoder.from_pretrained`. For a QA run that is its encoder (the answer head stays in the run)."""
     from mama.models.pretrained import save_pretrained
+    from mama.tasks import load_run
 
-    cfg, task, tokenizer, _ = load_trained(checkpoint)
+    trained = load_run(checkpoint)
+    cfg = trained.cfg
     slots = cfg.data.cached_frames or 2 * cfg.data.num_frames
-    extra = {"data": {"num_frames": cfg.data.num_frames, "num_slots": slots, "frame_size": cfg.data.frame_size}}
-    return save_pretrained(out, cfg.model, task.model, tokenizer, extra=extra)
+    extra = {"data": {"num_frames": cfg.data.num_frames, "num_slots": slots, "frame_size": cfg.data.frame_size}, "task": cfg.task}
+    return save_pretrained(out, cfg.model, trained.encoder, trained.task.tokenizer, extra=extra)

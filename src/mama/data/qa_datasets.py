@@ -15,7 +15,7 @@ format            one split's annotation file                              quest
 ``nextqa``        ``{train,val,test}.csv`` (+ ``map_vid_vidorID.json``)    mc, 5 candidates
 ``causal_vidqa``  ``split/{train,valid,test}.pkl`` (or ``.txt``) +         mc, 5 candidates, 6 per video
                   ``QA/<video>/{text,answer}.json``
-``jsonl``         ours (:func:`mama.qa.records.read_qa_jsonl`)             as written
+``jsonl``         ours (:func:`mama.data.qa_records.read_qa_jsonl`)             as written
 ================  =======================================================  ==============================
 
 Videos are looked up by id in a :class:`VideoIndex` of the ``videos`` folder (default: the annotation
@@ -41,7 +41,7 @@ from mama.data.datasets import (
     typed_field,
     video_index_for,
 )
-from mama.qa.records import QARecord, question_word, read_qa_jsonl
+from mama.data.qa_records import QARecord, question_word, read_qa_jsonl
 
 __all__ = [
     "CAUSAL_VIDQA_QTYPES",
@@ -503,7 +503,7 @@ def read_causal_vidqa(annotations: Path, videos: Path | None) -> list[QARecord]:
 
 
 def read_qa_jsonl_dataset(annotations: Path, videos: Path | None) -> list[QARecord]:
-    """Our JSONL question format (:func:`mama.qa.records.read_qa_jsonl`)."""
+    """Our JSONL question format (:func:`mama.data.qa_records.read_qa_jsonl`)."""
     return read_qa_jsonl(annotations, videos)
 
 

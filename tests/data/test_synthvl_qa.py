@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mama.data.synthvl import SynthConfig, make_records
-from mama.qa.synthvl_qa import ANSWERS, QTYPES, make_questions, multiple_choice, write_synthvl_qa
+from mama.data.synthvl_qa import ANSWERS, QTYPES, make_questions, multiple_choice, write_synthvl_qa
 
 CFG = SynthConfig(seed=0, num_train=600, num_meta=60, num_val=60, num_test=120)
 
@@ -70,7 +70,7 @@ def test_files_are_written_next_to_synthvl_and_are_deterministic(tiny_synthvl: P
 
 
 def test_count_clips_show_the_number_of_shapes() -> None:
-    from mama.qa.synthvl_qa import render_count_clip
+    from mama.data.synthvl_qa import render_count_clip
 
     for count in (1, 2, 3, 4):
         clip = render_count_clip(count, num_frames=3, frame_size=64, rng=np.random.default_rng(count))

@@ -13,8 +13,9 @@ import torch
 from mama.cli import main
 from mama.config import load_config
 from mama.data.records import read_jsonl
-from mama.embed import Encoder, build_index, load_index, search
-from mama.engine import encode_clipset, load_data, load_trained, train
+from mama.inference.embed import Encoder, build_index, load_index, search
+from mama.tasks import load_run, train
+from mama.tasks.retrieval import encode_clipset, load_data
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +31,10 @@ def trained(tiny_synthvl: Path, tiny_overrides: Any, tmp_path_factory: pytest.Te
 
 
 def test_encoder_embeds_exactly_like_evaluation(trained: dict[str, Path]) -> None:
-    cfg, task, tokenizer, _ = load_trained(trained["run"])
-    clips = load_data(cfg, ("test",), tokenizer=tokenizer, progress=False).splits["test"]
-    video_emb, text_emb = encode_clipset(task, clips, cfg.data.num_frames, batch_size=7)
+    run = load_run(trained["run"])
+    cfg = run.cfg
+    clips = load_data(cfg, ("test",), tokenizer=run.task.tokenizer, progress=False).splits["test"]
+    video_emb, text_emb = encode_clipset(run.module, clips, cfg.data.num_frames, batch_size=7)
     for source in ("model", "run"):  # the exported folder and the run folder load the same model
         encoder = Encoder.from_pretrained(trained[source])
         videos, failed = encoder.encode_videos([r.video for r in clips.records], batch_size=5)
@@ -73,7 +75,7 @@ def test_embedding_a_folder_is_resumable_and_skips_bad_videos(trained: dict[str,
     bad = folder / sources[3].name
     bad.write_bytes(b"not a video")
     encoder = Encoder.from_pretrained(trained["model"])
-    from mama.embed import list_inputs
+    from mama.inference.embed import list_inputs
 
     videos, _ = list_inputs(videos=folder)
     assert len(videos) == 10

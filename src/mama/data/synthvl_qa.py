@@ -28,7 +28,7 @@ in distinct quadrants, same frame size and length as the dataset), a fifth as ma
 videos. Training counts are long-tailed (one 50%, two 25%, three 15%, four 10%).
 
 Files, next to the SynthVL JSONL (video paths relative to that folder): ``qa_<split>.jsonl`` (open-ended)
-and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.qa.records``.
+and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.data.qa_records``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from mama.cli import main
-from mama.qa.records import read_qa_jsonl
-from mama.qa.synthvl_qa import write_synthvl_qa
+from mama.data.qa_records import read_qa_jsonl
+from mama.data.synthvl_qa import write_synthvl_qa
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "synthvl_qa.yaml"
@@ -90,7 +90,7 @@ def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_c
 def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
     from collections import Counter
 
-    from mama.qa.engine import hold_out_questions
+    from mama.tasks.qa import hold_out_questions
 
     questions = read_qa_jsonl(qa_data / "qa_train.jsonl")
     train, meta = hold_out_questions(questions, 50)
@@ -107,8 +107,8 @@ def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_
 def test_rare_answers_are_the_least_frequent_third_per_type() -> None:
     from types import SimpleNamespace
 
-    from mama.qa.engine import rare_answers
-    from mama.qa.records import QARecord
+    from mama.tasks.qa import rare_answers
+    from mama.data.qa_records import QARecord
 
     def q(qtype: str, answer: str, i: int) -> QARecord:
         return QARecord(f"{qtype}{answer}{i}", "v", Path("v.mp4"), "what?", answer, qtype=qtype)

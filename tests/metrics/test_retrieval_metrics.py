@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mama.metrics
-from mama.metrics import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_metrics, retrieval_ranks
+import mama.metrics.retrieval
+from mama.metrics.retrieval import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 
 def _random_problem(num_videos: int = 23, max_captions: int = 4, dim: int = 16, seed: int = 0):
@@ -97,7 +97,7 @@ def test_chunked_ranks_equal_dense_reference(chunk_size):
 @pytest.mark.parametrize("kind", ["random", "duplicate_videos", "duplicate_captions", "quantised"])
 def test_ranks_with_ties_equal_dense_reference(kind, dsl, column_tile, monkeypatch):
     # column_tile=5 makes every chunk span several column tiles, as at 100k candidates.
-    monkeypatch.setattr(mama.metrics, "_COLUMN_TILE", column_tile)
+    monkeypatch.setattr(mama.metrics.retrieval, "_COLUMN_TILE", column_tile)
     text_emb, video_emb, text_to_video = _tied_problem(kind)
     # Quantised similarities reach |S| = 4; a lower T keeps exp(T·S - lse) inside float64 range.
     temperature = 30.0 if kind == "quantised" else 100.0

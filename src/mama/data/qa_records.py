@@ -1,6 +1,6 @@
 """The common question record of every video question answering dataset, and its JSONL reader and writer.
 
-Every QA reader (:mod:`mama.qa.datasets`) produces :class:`QARecord` objects, so answer vocabularies,
+Every QA reader (:mod:`mama.data.qa_datasets`) produces :class:`QARecord` objects, so answer vocabularies,
 loaders and metrics never need to know which benchmark a question came from.
 
 Two kinds of question:

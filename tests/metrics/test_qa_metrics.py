@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mama.qa.metrics import (
+from mama.metrics.qa import (
     AnswerVocab,
     accuracy_by_type,
     mc_accuracy,

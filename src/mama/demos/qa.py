@@ -29,7 +29,8 @@ def run_qa_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train both variants per seed, evaluate on the test split, write and print the comparison."""
-    from mama.qa.engine import load_qa_data, train_qa
+    from mama.tasks import train
+    from mama.tasks.qa import load_qa_data
 
     seeds = seeds or [0]
     base = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
@@ -49,7 +50,7 @@ def run_qa_demo(
         for variant in VARIANTS:
             if progress:
                 print(f"== {variant} QA (seed {seed})", flush=True)
-            result = train_qa(config(variant, seed), data=data, progress=progress)
+            result = train(config(variant, seed), data=data)
             runs[variant].append({**result.metrics, "wall_s": result.wall_s})
             baseline = result.metrics["majority_baseline"]
     summary = {

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from mama.config import LossConfig, MetaConfig, ModelConfig
 from mama.losses import angular_margin_nce
 from mama.models import create_model, create_tokenizer, get_spec
-from mama.qa.model import QAConfig, VideoQAModel
-from mama.qa.task import QATask
+from mama.models.qa import QAConfig, VideoQAModel
+from mama.tasks.qa.module import QAModule
 from mama.weighting import MetaWeighting, meta_forward_context, normalize_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +142,7 @@ def test_padded_text_tokens_are_ignored() -> None:
 # --- learning --------------------------------------------------------------------------------------
 
 
-def _fit(task: QATask, batch: dict, predict, steps: int = 400, lr: float = 3e-3) -> float:
+def _fit(task: QAModule, batch: dict, predict, steps: int = 400, lr: float = 3e-3) -> float:
     """Adam on one batch until every training answer is right; returns the final accuracy in percent."""
     optimizer = torch.optim.Adam(task.parameters(), lr=lr)
     torch.manual_seed(2)
@@ -163,7 +163,7 @@ def test_open_ended_overfits_eight_pairs() -> None:
     video = _videos(4).repeat_interleave(2, dim=0)  # (8, T, C, H, W): video v for both questions
     ids, mask = tokenizer(QUESTIONS * 4)
     answer = torch.tensor([0, 3, 1, 4, 2, 5, 0, 4])  # (color, shape) per video
-    task = QATask(qa, LossConfig())
+    task = QAModule(qa, LossConfig())
     batch = {"video": video, "input_ids": ids, "attention_mask": mask, "answer": answer}
     assert _fit(task, batch, lambda out: out["logits"].argmax(dim=1)) == 100.0
 
@@ -175,7 +175,7 @@ def test_multiple_choice_overfits_six_samples() -> None:
     rows = [[f"{QUESTIONS[i % 2]} {a}" for a in (colors if i % 2 == 0 else shapes)] for i in range(6)]
     ids, mask = _mc_text(tokenizer, rows)  # (6, 3, L)
     answer = torch.tensor([0, 2, 1, 0, 2, 1])
-    task = QATask(qa, LossConfig())
+    task = QAModule(qa, LossConfig())
     batch = {"video": video, "input_ids": ids, "attention_mask": mask, "answer": answer}
     assert _fit(task, batch, lambda out: out["scores"].argmax(dim=1)) == 100.0
 
@@ -195,7 +195,7 @@ def _rows(batch: dict, keep: list[int]) -> dict:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def _grads(task: QATask, loss: torch.Tensor) -> list[torch.Tensor]:
+def _grads(task: QAModule, loss: torch.Tensor) -> list[torch.Tensor]:
     params = [p for p in task.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
@@ -203,7 +203,7 @@ def _grads(task: QATask, loss: torch.Tensor) -> list[torch.Tensor]:
 
 def test_zero_weight_removes_a_sample_and_weights_change_the_gradient() -> None:
     qa, tokenizer = _qa("open")
-    task = QATask(qa, LossConfig())
+    task = QAModule(qa, LossConfig())
     batch = _open_batch(tokenizer)
     weights = normalize_weights(torch.tensor([0.9, 0.2, 0.7, 0.4, 0.6]))  # as MetaWeighting gives them
     weights[2] = 0.0
@@ -218,7 +218,7 @@ def test_zero_weight_removes_a_sample_and_weights_change_the_gradient() -> None:
 
 def test_contrastive_term_only_on_rows_with_a_caption() -> None:
     qa, tokenizer = _qa("open", contrastive_weight=0.25)
-    task = QATask(qa, LossConfig(margin=0.05))
+    task = QAModule(qa, LossConfig(margin=0.05))
     batch = _open_batch(tokenizer, n=4, captions=True)
     batch["has_caption"] = torch.tensor([True, False, True, True])
     out = task(batch)
@@ -250,14 +250,14 @@ def test_contrastive_term_only_on_rows_with_a_caption() -> None:
 
 def test_without_captions_there_is_no_contrastive_term() -> None:
     qa, tokenizer = _qa("open")
-    out = QATask(qa, LossConfig())(_open_batch(tokenizer))
+    out = QAModule(qa, LossConfig())(_open_batch(tokenizer))
     assert "contrastive_loss" not in out
     torch.testing.assert_close(out["loss_per_sample"], out["answer_loss"])
 
 
 def test_every_parameter_learns_from_a_captioned_batch() -> None:
     qa, tokenizer = _qa("open")
-    task = QATask(qa, LossConfig())
+    task = QAModule(qa, LossConfig())
     task(_open_batch(tokenizer, captions=True))["loss_per_sample"].mean().backward()
     for name, p in task.named_parameters():
         assert p.grad is not None, f"{name} gets no gradient"
@@ -269,13 +269,13 @@ def test_out_of_vocabulary_training_answer_is_an_error() -> None:
     batch = _open_batch(tokenizer)
     batch["answer"] = torch.tensor([0, 1, -1, 2, 3])
     with pytest.raises(ValueError, match="dropped by the dataset layer"):
-        QATask(qa, LossConfig())(batch)
+        QAModule(qa, LossConfig())(batch)
 
 
 def test_meta_weighting_step_on_the_qa_task() -> None:
     """MetaWeighting differentiates through the fusion model's virtual step and updates its net."""
     qa, tokenizer = _qa("open")
-    task = QATask(qa, LossConfig())
+    task = QAModule(qa, LossConfig())
     # The retrieval default (the encoder's embedding heads) is not on the answer path: take the fusion.
     meta_cfg = MetaConfig(enabled=True, interval=1, lr=1e-2, virtual_params=["model.open_head", "model.blocks"])
     meta = MetaWeighting(meta_cfg, task)

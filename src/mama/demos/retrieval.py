@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from mama.config import Config, load_config, to_dict
-from mama.engine import TrainResult, load_data, load_trained, train
+from mama.tasks import load_run, train
+from mama.tasks.retrieval import load_data
+from mama.training.trainer import TrainResult
 
 METRIC_KEYS = (
     "t2v_r1 t2v_r5 t2v_r10 t2v_mdr t2v_mnr v2t_r1 v2t_r5 v2t_r10 v2t_mdr v2t_mnr "
@@ -123,7 +125,7 @@ def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, Any]:
     fig, ax = _axes("Learned loss-to-weight map")
     first: dict[str, Any] = {}
     for run_dir in run_dirs:
-        _, _, _, meta = load_trained(run_dir)
+        meta = load_run(run_dir).meta
         if meta is None:
             continue
         by_noise = _logged_losses_by_noise(run_dir)

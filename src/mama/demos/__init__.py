@@ -1,0 +1,1 @@
+"""`mama demo`: side-by-side comparisons of the method's variants on SynthVL (retrieval and video QA)."""

@@ -1,0 +1,1 @@
+"""Using trained models: embed videos and texts, build an index, search it (:mod:`mama.inference.embed`)."""

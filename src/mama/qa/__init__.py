@@ -1,1 +1,0 @@
-"""Video question answering: the question record type and the dataset readers."""
