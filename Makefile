@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dev,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,7 +20,11 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/mama demo --quick
 
+# The architecture (import-linter layers), lint, format and types first: they take seconds.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo --no-cache
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

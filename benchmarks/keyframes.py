@@ -225,9 +225,19 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     specs = (
-        [("640x360 8s", 8, 360, 640), ("640x360 16s", 16, 360, 640), ("160x90 10s", 10, 90, 160), ("160x90 2min", 120, 90, 160)]
+        [
+            ("640x360 8s", 8, 360, 640),
+            ("640x360 16s", 16, 360, 640),
+            ("160x90 10s", 10, 90, 160),
+            ("160x90 2min", 120, 90, 160),
+        ]
         if args.quick
-        else [("640x360 20s", 20, 360, 640), ("640x360 40s", 40, 360, 640), ("160x90 30s", 30, 90, 160), ("160x90 10min", 600, 90, 160)]
+        else [
+            ("640x360 20s", 20, 360, 640),
+            ("640x360 40s", 40, 360, 640),
+            ("160x90 30s", 30, 90, 160),
+            ("160x90 10min", 600, 90, 160),
+        ]
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -237,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             path = folder / f"{name.replace(' ', '_')}.mp4"
             start = time.perf_counter()
             num_frames, cuts = make_video(path, seconds, height, width, seed)
-            print(f"generated {name}: {num_frames} frames, {len(cuts)} cuts, {time.perf_counter() - start:.1f} s", flush=True)
+            print(
+                f"generated {name}: {num_frames} frames, {len(cuts)} cuts, {time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
             videos.append(BenchVideo(name, path, num_frames, cuts))
 
         results: dict[tuple[str, str], dict] = {}

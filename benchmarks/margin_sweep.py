@@ -20,7 +20,9 @@ from mama.tasks.retrieval import load_data
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--margins", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 0.02, 0.05, 0.1, 0.2],
+        "--margins",
+        type=lambda t: [float(v) for v in t.split(",")],
+        default=[0.0, 0.02, 0.05, 0.1, 0.2],
         help="comma-separated margins in radians",
     )
     parser.add_argument("--meta", action="store_true", help="meta-learned weighting in every run")
@@ -29,7 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    base = [f"train.seed={args.seed}", f"meta.enabled={str(args.meta).lower()}", "eval.split=val", "train.progress=false", "train.overwrite=true"]
+    base = [
+        f"train.seed={args.seed}",
+        f"meta.enabled={str(args.meta).lower()}",
+        "eval.split=val",
+        "train.progress=false",
+        "train.overwrite=true",
+    ]
     first = load_config(None, base + args.overrides)
     data = load_data(first, progress=False)
     rows = []

@@ -32,17 +32,40 @@ from mama.training.state import TrainState
 from mama.training.step import StepSettings, meta_weighted_step
 from mama.weighting import MetaWeighting
 
-WORDS = "a the small large red green blue yellow circle square triangle moves left right up down on background".split()
+WORDS = [
+    "a",
+    "the",
+    "small",
+    "large",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "moves",
+    "left",
+    "right",
+    "up",
+    "down",
+    "on",
+    "background",
+]
 
 
 def make_batch(cfg, tokenizer: WordTokenizer, batch_size: int, generator: torch.Generator) -> dict:
-    video = torch.randn(batch_size, cfg.data.num_frames, 3, cfg.data.frame_size, cfg.data.frame_size, generator=generator)
+    video = torch.randn(
+        batch_size, cfg.data.num_frames, 3, cfg.data.frame_size, cfg.data.frame_size, generator=generator
+    )
     picks = torch.randint(len(WORDS), (batch_size, 10), generator=generator)
     ids, mask = tokenizer([" ".join(WORDS[i] for i in row) for row in picks.tolist()])
     return {"video": video, "input_ids": ids, "attention_mask": mask}
 
 
-def time_interleaved(steps: dict[str, Callable[[int], None]], warmup: int, rounds: int, period: int = 4) -> dict[str, float]:
+def time_interleaved(
+    steps: dict[str, Callable[[int], None]], warmup: int, rounds: int, period: int = 4
+) -> dict[str, float]:
     """Mean step time (ms) per variant, measured in interleaved rounds so that drift of a shared,
     noisy machine hits every variant alike: each round times ``period`` consecutive steps (a whole
     meta period for intervals 1, 2 and 4) of every variant in turn. Returns the median over rounds
@@ -100,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
         meta = None
         if prefixes is not None:
-            meta_cfg = dataclasses.replace(cfg.meta, enabled=True, virtual_params=prefixes, interval=interval, method=method)
+            meta_cfg = dataclasses.replace(
+                cfg.meta, enabled=True, virtual_params=prefixes, interval=interval, method=method
+            )
             meta = MetaWeighting(meta_cfg, module)
             meta.wnet.to(device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -84,21 +84,37 @@ def worker(args: argparse.Namespace) -> None:
     peak = _max_rss_mb()
 
     digest = hashlib.sha256(t2v.to(torch.int64).numpy().tobytes() + v2t.to(torch.int64).numpy().tobytes())
-    print(json.dumps({
-        "wall_s": wall_s,
-        "baseline_mb": baseline_max,
-        "baseline_now_mb": baseline_now,
-        "peak_mb": peak,
-        "extra_mb": peak - baseline_max,
-        "metrics": metrics_from_ranks(t2v, v2t),
-        "ranks_sha": digest.hexdigest(),
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall_s,
+                "baseline_mb": baseline_max,
+                "baseline_now_mb": baseline_now,
+                "peak_mb": peak,
+                "extra_mb": peak - baseline_max,
+                "metrics": metrics_from_ranks(t2v, v2t),
+                "ranks_sha": digest.hexdigest(),
+            }
+        )
+    )
 
 
 def measure(method: str, num: int, args: argparse.Namespace) -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", method, "--n", str(num), "--dim", str(args.dim),
-        "--chunk-size", str(args.chunk_size), "--caption-noise", str(args.caption_noise), "--seed", str(args.seed),
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--n",
+        str(num),
+        "--dim",
+        str(args.dim),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--caption-noise",
+        str(args.caption_noise),
+        "--seed",
+        str(args.seed),
     ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
@@ -123,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    print(f"torch {torch.__version__}, 2 threads, d={args.dim}, chunk_size={args.chunk_size}, column tile={_COLUMN_TILE}")
+    print(
+        f"torch {torch.__version__}, 2 threads, d={args.dim}, chunk_size={args.chunk_size}, column tile={_COLUMN_TILE}"
+    )
     header = f"{'N':>7} {'method':>8} {'wall s':>8} {'baseline MB':>12} {'peak MB':>9} {'extra MB':>9} {'model MB':>9}  R@1 t2v/v2t"
     print(header)
     print("-" * len(header))
@@ -137,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         results["dense"] = measure("dense", num, args) if dense_gb <= args.max_dense_gb else None
         for method, res in results.items():
             if res is None:
-                print(f"{num:>7} {method:>8}  skipped: needs {dense_gb:.1f} GB (> --max-dense-gb {args.max_dense_gb:g})")
+                print(
+                    f"{num:>7} {method:>8}  skipped: needs {dense_gb:.1f} GB (> --max-dense-gb {args.max_dense_gb:g})"
+                )
             elif "error" in res:
                 print(f"{num:>7} {method:>8}  failed: {res['error']}")
             else:

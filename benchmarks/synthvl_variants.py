@@ -54,7 +54,9 @@ def run_one(name: str, seed: int, out: Path, margin: float, threads: int) -> dic
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         return json.loads(metrics_path.read_text())
-    cfg = variant_config(None, variant, seed, out, [*extra, f"train.threads={threads}", "train.progress=false"], False, margin)
+    cfg = variant_config(
+        None, variant, seed, out, [*extra, f"train.threads={threads}", "train.progress=false"], False, margin
+    )
     cfg.train.out_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "requested.yaml")
@@ -62,7 +64,9 @@ def run_one(name: str, seed: int, out: Path, margin: float, threads: int) -> dic
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "mama.cli", "train", "--config", str(run_dir / "requested.yaml")],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
@@ -105,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.fmean(m[key] for m in by_variant[name])
 
     print(f"\nSynthVL test, {len(seeds)} seeds ({args.seeds}), margin {args.margin}: mean±std")
-    header = f"{'variant':<26} {'t2v R@1':>10} {'tail R@1':>10} {'gain':>6} {'of full':>8} {'tail gain':>10} {'of full':>8}"
+    header = (
+        f"{'variant':<26} {'t2v R@1':>10} {'tail R@1':>10} {'gain':>6} {'of full':>8} {'tail gain':>10} {'of full':>8}"
+    )
     print(header)
     print("-" * len(header))
     base = "infonce" if "infonce" in by_variant else None
@@ -114,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         tail = [m["tail_t2v_r1"] for m in by_variant[name]]
         row = f"{name:<26} {_mean_std(r1):>10} {_mean_std(tail):>10}"
         if base and name != base:
-            gain, tail_gain = mean(name, "t2v_r1") - mean(base, "t2v_r1"), mean(name, "tail_t2v_r1") - mean(base, "tail_t2v_r1")
+            gain, tail_gain = (
+                mean(name, "t2v_r1") - mean(base, "t2v_r1"),
+                mean(name, "tail_t2v_r1") - mean(base, "tail_t2v_r1"),
+            )
             row += f" {gain:>+6.1f}"
             if FULL in by_variant:
                 full_gain = mean(FULL, "t2v_r1") - mean(base, "t2v_r1")

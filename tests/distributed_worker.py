@@ -16,7 +16,7 @@ import torch.distributed as dist
 from mama.distributed import cleanup, gather_rows, init_distributed, shard_range
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import GLOBAL_BATCH, build_case, compute_case  # noqa: E402
+from test_distributed import GLOBAL_BATCH, build_case, compute_case
 
 
 def main(out: str) -> None:

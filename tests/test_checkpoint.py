@@ -111,7 +111,7 @@ def test_resumed_optimizer_continues_identically(tmp_path):
     resumed = _train_steps(resumed_model, resumed_optimizer, steps=4, seed=1)
 
     assert resumed == continued
-    for a, b in zip(model.parameters(), resumed_model.parameters()):
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -8,8 +8,8 @@ import yaml
 
 from mama.config import Config, ConfigError, load_config, resumable_fields, resume_changes, save_config, to_dict
 from mama.data.datasets import DATASET_FORMATS
-from mama.models import list_models
 from mama.data.qa_datasets import QA_FORMATS
+from mama.models import list_models
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -102,7 +102,8 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
     cfg = load_config(
-        None, ["optim.lr=5e-4", "loss.margin=0.05", "meta.enabled=true", "data.caption_sources=[human]", "train.out_dir=x/y"]
+        None,
+        ["optim.lr=5e-4", "loss.margin=0.05", "meta.enabled=true", "data.caption_sources=[human]", "train.out_dir=x/y"],
     )
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
@@ -178,7 +179,10 @@ def test_bad_literal_in_yaml(tmp_path: Path) -> None:
         ("train.precision=fp64", r"^train\.precision: expected one of 'fp32', 'bf16', 'fp16', got 'fp64'$"),
         ("task=captioning", r"^task: expected one of 'retrieval', 'qa', got 'captioning'$"),
         ("meta.method=second_order", r"^meta\.method: expected one of 'exact', 'first_order', got 'second_order'$"),
-        ("model.temporal=meanp", r"^model\.temporal: expected one of 'meanP', 'seqTransf', got 'meanp'$"),  # case matters
+        (
+            "model.temporal=meanp",
+            r"^model\.temporal: expected one of 'meanP', 'seqTransf', got 'meanp'$",
+        ),  # case matters
         ("data.decode=true", r"^data\.decode: expected one of 'cache', 'stream', got True$"),
     ],
 )
@@ -191,7 +195,9 @@ def test_literal_list_checks_each_item() -> None:
     assert Config().train.loggers == ["jsonl"]
     assert load_config(None, ["train.loggers=[jsonl, tensorboard]"]).train.loggers == ["jsonl", "tensorboard"]
     assert load_config(None, ["train.loggers=[]"]).train.loggers == []
-    with pytest.raises(ConfigError, match=r"^train\.loggers\[1\]: expected one of 'jsonl', 'tensorboard', got 'wandb'$"):
+    with pytest.raises(
+        ConfigError, match=r"^train\.loggers\[1\]: expected one of 'jsonl', 'tensorboard', got 'wandb'$"
+    ):
         load_config(None, ["train.loggers=[jsonl, wandb]"])
     with pytest.raises(ConfigError, match=r"^train\.loggers: expected a list"):
         load_config(None, ["train.loggers=jsonl"])
@@ -234,7 +240,10 @@ def test_resume_names_other_changes() -> None:
     saved = to_dict(load_config(None, ["loss.margin=0.1"]))
     assert resume_changes(saved, load_config(None, ["loss.margin=0.2"])) == ["loss.margin: 0.1 -> 0.2"]
     current = load_config(None, ["loss.margin=0.1", "task=qa", "train.log_every=1", "data.caption_sources=[human]"])
-    assert resume_changes(saved, current) == ["data.caption_sources: ['human', 'lvlm'] -> ['human']", "task: 'retrieval' -> 'qa'"]
+    assert resume_changes(saved, current) == [
+        "data.caption_sources: ['human', 'lvlm'] -> ['human']",
+        "task: 'retrieval' -> 'qa'",
+    ]
 
 
 def test_resume_from_older_config_missing_newer_keys() -> None:
@@ -242,7 +251,9 @@ def test_resume_from_older_config_missing_newer_keys() -> None:
     del saved["train"]["loggers"], saved["meta"]["method"]
     assert resume_changes(saved, Config()) == []
     # A non-default value against a missing key (which means its default) is a change.
-    assert resume_changes(saved, load_config(None, ["meta.method=first_order"])) == ["meta.method: 'exact' -> 'first_order'"]
+    assert resume_changes(saved, load_config(None, ["meta.method=first_order"])) == [
+        "meta.method: 'exact' -> 'first_order'"
+    ]
 
 
 def test_resume_rejects_unknown_saved_keys() -> None:

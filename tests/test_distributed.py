@@ -29,7 +29,7 @@ pytestmark = pytest.mark.distributed
 
 Overrides = Callable[[str | Path, str | Path], list[str]]
 GLOBAL_BATCH = 8
-WORDS = "a the red green blue circle square moves left right up down".split()
+WORDS = ["a", "the", "red", "green", "blue", "circle", "square", "moves", "left", "right", "up", "down"]
 # Adam divides by the root of tiny second moments, which turns 1e-8 summation-order differences into
 # lr-sized ones; eps = 1 keeps AdamW well conditioned so 2-rank and 1-rank runs stay within 1e-5.
 STABLE = ["optim.eps=1.0", "optim.lr=0.05", "meta.optimizer=sgd", "train.threads=1"]
@@ -44,7 +44,17 @@ def build_case() -> tuple[RetrievalModule, MetaConfig, dict[str, torch.Tensor], 
     """A float64 tiny task, a meta config with the virtual step over *all* parameters (so the
     second-order graph crosses the all-gathers of the trunk), and fixed train and meta batches."""
     torch.manual_seed(0)
-    cfg = ModelConfig(width=16, heads=2, embed_dim=8, video_layers=1, text_layers=1, stem_channels=2, frame_size=16, max_frames=4, max_text_length=8)
+    cfg = ModelConfig(
+        width=16,
+        heads=2,
+        embed_dim=8,
+        video_layers=1,
+        text_layers=1,
+        stem_channels=2,
+        frame_size=16,
+        max_frames=4,
+        max_text_length=8,
+    )
     tokenizer = WordTokenizer.build(WORDS, max_length=cfg.max_text_length)
     task = RetrievalModule(create_model(cfg, tokenizer), LossConfig(margin=0.05)).double()
     g = torch.Generator().manual_seed(1)
@@ -52,9 +62,15 @@ def build_case() -> tuple[RetrievalModule, MetaConfig, dict[str, torch.Tensor], 
     def batch(n: int) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(WORDS), (n, 5), generator=g)
         ids, mask = tokenizer([" ".join(WORDS[i] for i in row) for row in picks.tolist()])
-        return {"video": torch.randn(n, 3, 3, 16, 16, generator=g, dtype=torch.float64), "input_ids": ids, "attention_mask": mask}
+        return {
+            "video": torch.randn(n, 3, 3, 16, 16, generator=g, dtype=torch.float64),
+            "input_ids": ids,
+            "attention_mask": mask,
+        }
 
-    meta_cfg = MetaConfig(interval=1, enabled=True, hidden=8, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.5, virtual_params=[])
+    meta_cfg = MetaConfig(
+        interval=1, enabled=True, hidden=8, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.5, virtual_params=[]
+    )
     return task, meta_cfg, batch(GLOBAL_BATCH), batch(6)
 
 
@@ -69,11 +85,15 @@ def _torchrun(args: list[str], tmp_path: Path, expect_ok: bool = True) -> subpro
         # The results the test checks are all written; this is not a failure of the code under test.
         done.returncode = 0
     if expect_ok:
-        assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        assert done.returncode == 0, (
+            f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        )
     return done
 
 
-def compute_case(task: RetrievalModule, meta_cfg: MetaConfig, train: dict[str, Any], meta_batch: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
+def compute_case(
+    task: RetrievalModule, meta_cfg: MetaConfig, train: dict[str, Any], meta_batch: dict[str, Any], world: int
+) -> dict[str, torch.Tensor]:
     """What the comparison looks at, computed from this process's rows (all rows when ``world`` is 1):
     the gradient of the global mean loss, the per-sample losses, and the result of one exact and one
     first-order meta step (meta loss, weights, updated weighting net), gathered in rank order."""
@@ -96,7 +116,10 @@ def compute_case(task: RetrievalModule, meta_cfg: MetaConfig, train: dict[str, A
         with meta_forward_context(True):
             losses = task(train)["loss_per_sample"]
             result = meta.step(
-                task, losses, meta_batch, 0,
+                task,
+                losses,
+                meta_batch,
+                0,
                 train_forward=lambda params: torch.func.functional_call(task, params, (train,))["loss_per_sample"],
             )
         out[f"{method}.meta_loss"] = torch.tensor(result.meta_loss, dtype=torch.float64)
@@ -163,7 +186,9 @@ def test_two_process_training_equals_one_process(
     common = [*STABLE, *variant, "train.checkpoint_every=3"]
     result = train(load_config(RECIPE, [*tiny_overrides(tiny_synthvl, tmp_path / "one"), *common]))
     two_dir = tmp_path / "two"
-    _torchrun(["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_synthvl, two_dir), *common], tmp_path)
+    _torchrun(
+        ["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_synthvl, two_dir), *common], tmp_path
+    )
     _assert_close_runs(tmp_path / "one", two_dir, atol=1e-4 if "meta.method=first_order" in variant else 1e-5)
     if "meta.enabled=true" in variant:
         assert_weighting_net_moved(tmp_path / "one")
@@ -177,7 +202,9 @@ def test_two_process_training_equals_one_process(
     one_query = 100 / result.metrics["num_queries"]  # parameters equal to 1e-5 may still flip a near-tie
     for key in ("t2v_r1", "t2v_r5", "v2t_r1", "t2v_mnr"):
         assert two_metrics[key] == pytest.approx(result.metrics[key], abs=one_query + 1e-6), key
-    assert len((two_dir / "log.jsonl").read_text().splitlines()) == len((tmp_path / "one" / "log.jsonl").read_text().splitlines())
+    assert len((two_dir / "log.jsonl").read_text().splitlines()) == len(
+        (tmp_path / "one" / "log.jsonl").read_text().splitlines()
+    )
 
 
 def test_two_process_run_resumes_on_one_process(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
@@ -188,7 +215,9 @@ def test_two_process_run_resumes_on_one_process(tiny_synthvl: Path, tiny_overrid
     common = [*STABLE, *ACTIVE_META, "train.checkpoint_every=2", "train.keep_last=5"]
     train(load_config(RECIPE, [*tiny_overrides(tiny_synthvl, tmp_path / "one"), *common]))
     two_dir = tmp_path / "two"
-    _torchrun(["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_synthvl, two_dir), *common], tmp_path)
+    _torchrun(
+        ["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_synthvl, two_dir), *common], tmp_path
+    )
     # Keep only the step-2 checkpoint of the 2-rank run, then finish on one process.
     import shutil
 
@@ -202,8 +231,22 @@ def test_two_process_run_resumes_on_one_process(tiny_synthvl: Path, tiny_overrid
     _assert_close_runs(tmp_path / "one", two_dir, atol=1e-5)
 
 
-def test_meta_batch_larger_than_the_meta_split_is_refused_on_several_ranks(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_meta_batch_larger_than_the_meta_split_is_refused_on_several_ranks(
+    tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     """One rank would get every meta video and the other none (a hang in the all-gather): refuse."""
-    done = _torchrun(["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_synthvl, tmp_path / "run"), "meta.batch_size=64"], tmp_path, expect_ok=False)
+    done = _torchrun(
+        [
+            "-m",
+            "mama.cli",
+            "train",
+            "--config",
+            RECIPE,
+            *tiny_overrides(tiny_synthvl, tmp_path / "run"),
+            "meta.batch_size=64",
+        ],
+        tmp_path,
+        expect_ok=False,
+    )
     assert done.returncode != 0
     assert "meta.batch_size (64) exceeds the 30 meta videos" in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -59,11 +60,17 @@ def _assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
 def _final_state(run_dir: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(run_dir / "checkpoints")
     assert ckpt.step == 6
-    return {"tensors": ckpt.tensors, "optimizer": ckpt.state["optimizer"], "meta_optimizer": ckpt.state["meta_optimizer"]}
+    return {
+        "tensors": ckpt.tensors,
+        "optimizer": ckpt.state["optimizer"],
+        "meta_optimizer": ckpt.state["meta_optimizer"],
+    }
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference_run(
+    tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """An uninterrupted 6-step MAMA run, plus the test-set embeddings of its in-memory final model."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     cfg = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + MAMA + ["train.checkpoint_every=3"])
@@ -124,7 +131,9 @@ def test_saved_model_encodes_exactly_like_trained_one(reference_run: dict[str, A
     assert {k: saved[k] for k in evaluated} == evaluated
 
 
-def test_resume_is_bitwise_identical(reference_run: dict[str, Any], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_resume_is_bitwise_identical(
+    reference_run: dict[str, Any], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "resumed"
     cfg = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + MAMA + ["train.checkpoint_every=3"])
     crashed = train(cfg, max_steps=3)  # stops after the step-3 checkpoint, as a crash would
@@ -141,7 +150,9 @@ def test_resume_is_bitwise_identical(reference_run: dict[str, Any], tiny_synthvl
     assert _log(run_dir)[-1] == _log(reference_run["dir"])[-1] | {"step_ms": _log(run_dir)[-1]["step_ms"]}
 
 
-def test_resume_skips_corrupt_newest_checkpoint(reference_run: dict[str, Any], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_resume_skips_corrupt_newest_checkpoint(
+    reference_run: dict[str, Any], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "corrupt"
     extra = ["train.checkpoint_every=2", "train.keep_last=3"]
     cfg = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + MAMA + extra)
@@ -178,7 +189,9 @@ def test_bad_videos_are_skipped_and_counted(tiny_synthvl: Path, tiny_overrides: 
     assert metrics["skipped_videos"] == {"train": 2, "val": 0, "test": 0}
 
 
-def test_fresh_run_refuses_to_replace_an_existing_run(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_fresh_run_refuses_to_replace_an_existing_run(
+    tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2"])
     train(cfg)
@@ -186,7 +199,9 @@ def test_fresh_run_refuses_to_replace_an_existing_run(tiny_synthvl: Path, tiny_o
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing lost
-    replaced = train(load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2", "train.overwrite=true"]))
+    replaced = train(
+        load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2", "train.overwrite=true"])
+    )
     assert replaced.steps_run == 2
 
 
@@ -267,7 +282,9 @@ def test_quick_demo(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Pat
     assert len(saved["weight_curve"]["weight"]) == 20
 
 
-def test_demo_with_two_seeds_reports_spread(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_with_two_seeds_reports_spread(
+    tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo"
     overrides = [o for o in tiny_overrides(tiny_synthvl, out) if not o.startswith("train.out_dir=")] + ["train.steps=2"]
     assert main(["demo", "--out", str(out), "--seeds", "0,1", "--no-progress", *overrides]) == 0
@@ -287,7 +304,7 @@ def test_lr_lambda_warmup_then_cosine() -> None:
     values = [lr_lambda(s, total, 0.1, "cosine") for s in range(total + 1)]
     assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to 1
     assert values[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))  # then never increases
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))  # then never increases
     assert values[55] == pytest.approx(0.5)  # half-way through the cosine
     assert values[total - 1] < 1e-3 and values[total] == pytest.approx(0.0, abs=1e-12)
 
@@ -297,7 +314,9 @@ def test_lr_lambda_warmup_then_cosine() -> None:
         load_config(None, ["optim.schedule=linear"])
 
 
-def test_demo_refuses_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_refuses_a_multi_process_launch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Under torchrun every rank would run the whole demo and write the same files.
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2

@@ -32,7 +32,7 @@ def _clip_loss_per_sample(video, text, scale):
 
 
 def _arccos_reference(video, text, scale, margin, mode):
-    """method.md section 1 literally: theta = arccos(C), shift, S = scale * cos(theta'). Per sample."""
+    """The loss's definition literally: theta = arccos(C), shift, S = scale * cos(theta'). Per sample."""
     cos = video @ text.T
     theta = torch.arccos(cos)
     eye = torch.eye(len(video), dtype=torch.bool)

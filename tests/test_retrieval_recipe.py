@@ -21,7 +21,13 @@ from mama.data.video import write_video
 from mama.tasks import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "msrvtt_clip_b32.yaml"
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (230, 230, 230), "black": (10, 10, 10)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "white": (230, 230, 230),
+    "black": (10, 10, 10),
+}
 SHAPES = ("circle", "square", "cross", "triangle")
 
 pytestmark = pytest.mark.slow
@@ -57,7 +63,9 @@ def msrvtt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             train_ids.append(vid)
         else:
             test_rows.append({"key": f"ret{i}", "vid_key": f"msr{i}", "video_id": vid, "sentence": captions[0]})
-    (ann / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": v} for v in train_ids], "sentences": sentences}))
+    (ann / "MSRVTT_data.json").write_text(
+        json.dumps({"videos": [{"video_id": v} for v in train_ids], "sentences": sentences})
+    )
     with (ann / "MSRVTT_train.9k.csv").open("w", newline="") as f:
         csv.writer(f).writerows([["video_id"], *[[v] for v in train_ids]])
     with (ann / "MSRVTT_JSFUSION_test.csv").open("w", newline="") as f:
@@ -66,7 +74,11 @@ def msrvtt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         writer.writerows(test_rows)
     # LVLM captions, as `mama augment` writes them, for some training videos and one unknown id.
     lines = [
-        {"video_id": v, "captions": [f"the video shows a moving shape number {v[5:]}", f"a clip of shape {v[5:]}"], "model": "tiny"}
+        {
+            "video_id": v,
+            "captions": [f"the video shows a moving shape number {v[5:]}", f"a clip of shape {v[5:]}"],
+            "model": "tiny",
+        }
         for v in train_ids
     ]
     lines.append({"video_id": "video999", "captions": ["not in this split"]})
@@ -141,12 +153,16 @@ def test_msrvtt_recipe_trains_and_evaluates_with_tiny_clip(
         assert evaluated[key] == pytest.approx(metrics[key]), key
 
 
-def test_meta_holdout_is_the_same_for_every_variant(msrvtt: dict[str, Path], tiny_clip_dir: Path, tmp_path: Path) -> None:
+def test_meta_holdout_is_the_same_for_every_variant(
+    msrvtt: dict[str, Path], tiny_clip_dir: Path, tmp_path: Path
+) -> None:
     from mama.tasks.retrieval.data import read_records
 
     cfg = load_config(RECIPE, _overrides(msrvtt, tiny_clip_dir, tmp_path / "run"))
     with_meta = read_records(cfg, Path(cfg.data.root), ("train", "meta"))
-    cfg_plain = load_config(RECIPE, _overrides(msrvtt, tiny_clip_dir, tmp_path / "run", "meta.enabled=false", "train.seed=3"))
+    cfg_plain = load_config(
+        RECIPE, _overrides(msrvtt, tiny_clip_dir, tmp_path / "run", "meta.enabled=false", "train.seed=3")
+    )
     plain = read_records(cfg_plain, Path(cfg.data.root), ("train",))
     train_ids = [r.id for r in with_meta["train"]]
     meta_ids = [r.id for r in with_meta["meta"]]
@@ -168,7 +184,9 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     path.write_bytes(b"".join(bytes(p) for p in packets))
 
 
-def test_stream_decoding_workers_give_the_same_training(tiny_synthvl: Path, tiny_overrides: Any, tmp_path: Path) -> None:
+def test_stream_decoding_workers_give_the_same_training(
+    tiny_synthvl: Path, tiny_overrides: Any, tmp_path: Path
+) -> None:
     """Decoding in worker processes changes where batches are built, not what they hold, including
     the replacement of videos that break mid-run and how they are counted."""
     from mama.data.clips import seeded_generator
@@ -196,16 +214,19 @@ def test_stream_decoding_workers_give_the_same_training(tiny_synthvl: Path, tiny
     runs, skipped = {}, {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        cfg = load_config(None, tiny_overrides(root, out) + ["data.decode=stream", f"data.workers={workers}", "train.steps=3"])
+        cfg = load_config(
+            None, tiny_overrides(root, out) + ["data.decode=stream", f"data.workers={workers}", "train.steps=3"]
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train(cfg)
         if workers == 0:  # worker processes warn in their own stderr
             for folder in broken:
                 # Caught mid-run (the load-time probe reads the intact first frame), by the decoder.
-                assert any(f"skipping video {folder}" in str(w.message) and "cannot decode frame image" in str(w.message) for w in caught), [
-                    str(w.message) for w in caught
-                ]
+                assert any(
+                    f"skipping video {folder}" in str(w.message) and "cannot decode frame image" in str(w.message)
+                    for w in caught
+                ), [str(w.message) for w in caught]
         runs[workers] = _final_weights(out)
         skipped[workers] = json.loads((out / "metrics.json").read_text())["skipped_videos"]
     assert skipped[0] == skipped[2] == {"train": 2, "val": 0, "test": 0}

@@ -45,9 +45,15 @@ def _run(tiny_synthvl: Path, tiny_overrides: Overrides, out: Path, *extra: str) 
 
 @pytest.mark.parametrize(
     "variant",
-    [pytest.param([], id="plain"), pytest.param(ACTIVE_META, id="meta-exact"), pytest.param([*ACTIVE_META, "meta.method=first_order"], id="meta-first-order")],
+    [
+        pytest.param([], id="plain"),
+        pytest.param(ACTIVE_META, id="meta-exact"),
+        pytest.param([*ACTIVE_META, "meta.method=first_order"], id="meta-first-order"),
+    ],
 )
-def test_accumulation_equals_one_large_batch(variant: list[str], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_accumulation_equals_one_large_batch(
+    variant: list[str], tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     """4 micro-batches of 4 with cached embeddings give the update of one batch of 16: every loss
     still sees all 16 samples as negatives, and the weights come from the whole batch."""
     _run(tiny_synthvl, tiny_overrides, tmp_path / "big", *STABLE, *variant, "train.checkpoint_every=3")
@@ -61,14 +67,18 @@ def test_accumulation_equals_one_large_batch(variant: list[str], tiny_synthvl: P
     assert _max_diff(tmp_path / "big", tmp_path / "short") > 1e-3
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_gradient_checkpointing_changes_nothing_but_memory(
+    tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     _run(tiny_synthvl, tiny_overrides, tmp_path / "stored", *MAMA)
     _run(tiny_synthvl, tiny_overrides, tmp_path / "recomputed", *MAMA, "model.grad_checkpointing=true")
     assert _max_diff(tmp_path / "stored", tmp_path / "recomputed") == 0.0
 
 
 @pytest.mark.parametrize("method", ["exact", "first_order"])
-def test_bf16_autocast_trains_on_cpu(method: str, tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+def test_bf16_autocast_trains_on_cpu(
+    method: str, tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     fp32 = _run(tiny_synthvl, tiny_overrides, tmp_path / "fp32", *MAMA, f"meta.method={method}")
     bf16 = _run(tiny_synthvl, tiny_overrides, tmp_path / "bf16", *MAMA, f"meta.method={method}", "train.precision=bf16")
     losses = [r["loss"] for r in bf16.history]
@@ -86,8 +96,12 @@ def test_fp16_with_gradient_scaler_on_cuda(tiny_synthvl: Path, tiny_overrides: O
     assert "scaler" in load_checkpoint(tmp_path / "fp16" / "checkpoints").state
 
 
-@pytest.mark.parametrize(("overrides", "match"), [(["train.accum_steps=3"], "divisible"), (["train.accum_steps=0"], ">= 1")])
-def test_batch_that_does_not_split_is_a_config_error(overrides: list[str], match: str, tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "match"), [(["train.accum_steps=3"], "divisible"), (["train.accum_steps=0"], ">= 1")]
+)
+def test_batch_that_does_not_split_is_a_config_error(
+    overrides: list[str], match: str, tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match=match):
         _run(tiny_synthvl, tiny_overrides, tmp_path / "bad", *overrides)
 
@@ -109,7 +123,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_synthvl: Path, tiny_overrid
     try:
         deadline = time.monotonic() + 120
         while not (killed / "checkpoints" / "step_00000012").exists():
-            assert proc.poll() is None, f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            assert proc.poll() is None, (
+                f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            )
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)

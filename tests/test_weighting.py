@@ -23,8 +23,6 @@ from mama.weighting import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
-
-
 @pytest.fixture
 def float64_default():
     previous = torch.get_default_dtype()
@@ -151,11 +149,13 @@ def _tiny_batch(n, gen):
 
 
 def _reference_step(task, wnet, cfg, train_batch, meta_batch):
-    """method.md section 2, stages 1-3, by hand. Returns (updated wnet params, meta loss, weights, grads)."""
+    """The meta step's three stages, by hand. Returns (updated wnet params, meta loss, weights, grads)."""
     theta = dict(task.named_parameters())
-    virtual = list(theta) if not cfg.virtual_params else [
-        name for name in theta if any(name.startswith(p + ".") or name == p for p in cfg.virtual_params)
-    ]
+    virtual = (
+        list(theta)
+        if not cfg.virtual_params
+        else [name for name in theta if any(name.startswith(p + ".") or name == p for p in cfg.virtual_params)]
+    )
     wnet_params = list(wnet.parameters())
 
     def weigh(raw):
@@ -166,7 +166,7 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
     weights = weigh(wnet(losses.detach()))
     grads = torch.autograd.grad((weights * losses).sum(), [theta[n] for n in virtual], create_graph=True)
     theta_hat = dict(theta)
-    for name, grad in zip(virtual, grads):
+    for name, grad in zip(virtual, grads, strict=True):
         theta_hat[name] = theta[name] - cfg.virtual_lr * grad
 
     # Stage 2: unweighted meta loss of theta_hat, one optimiser step on the weighting net.
@@ -175,11 +175,11 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
     with torch.no_grad():
         if cfg.optimizer == "sgd":
             # First step: momentum buffers start at the gradient, so momentum has no effect yet.
-            updated = [p - cfg.lr * g for p, g in zip(wnet_params, wnet_grads)]
+            updated = [p - cfg.lr * g for p, g in zip(wnet_params, wnet_grads, strict=True)]
         else:
             # First Adam step: bias-corrected m = g and v = g^2, so the step is lr * g / (|g| + eps).
-            updated = [p - cfg.lr * g / (g.abs() + 1e-8) for p, g in zip(wnet_params, wnet_grads)]
-        for p, new in zip(wnet_params, updated):
+            updated = [p - cfg.lr * g / (g.abs() + 1e-8) for p, g in zip(wnet_params, wnet_grads, strict=True)]
+        for p, new in zip(wnet_params, updated, strict=True):
             p.copy_(new)
 
     # Stage 3: weights from the updated net, no grad; gradient of the weighted loss at theta.
@@ -191,14 +191,35 @@ def _reference_step(task, wnet, cfg, train_batch, meta_batch):
 
 
 REFERENCE_CASES = [
-    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), id="sgd-all"),
-    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]), id="adam-all"),
+    pytest.param(
+        MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]),
+        id="sgd-all",
+    ),
+    pytest.param(
+        MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=[]),
+        id="adam-all",
+    ),
     # Unnormalised weights sum to ~6 here: a smaller virtual step keeps the virtual logit scale sane
     # (at 0.7 it reaches exp(-30), the meta loss flattens to 2 ln 6 and the net would not move).
-    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]), id="sgd-unnormalised"),
-    pytest.param(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]), id="sgd-text"),
     pytest.param(
-        MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=0.01, virtual_lr=0.7, virtual_params=["video.weight", "logit_scale"]),
+        MetaConfig(
+            interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.05, normalize=False, virtual_params=[]
+        ),
+        id="sgd-unnormalised",
+    ),
+    pytest.param(
+        MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=["text"]),
+        id="sgd-text",
+    ),
+    pytest.param(
+        MetaConfig(
+            interval=1,
+            zero_init=False,
+            optimizer="adam",
+            lr=0.01,
+            virtual_lr=0.7,
+            virtual_params=["video.weight", "logit_scale"],
+        ),
         id="adam-subset",
     ),
 ]
@@ -223,13 +244,13 @@ def test_meta_step_matches_hand_written_reference(cfg, float64_default):
     got_grads = torch.autograd.grad((result.weights * losses).sum(), list(task.parameters()))
 
     assert result.meta_loss == pytest.approx(expected_meta_loss, abs=1e-10)
-    for got, expected, before in zip(meta.wnet.parameters(), expected_params, initial):
+    for got, expected, before in zip(meta.wnet.parameters(), expected_params, initial, strict=True):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-10)
         assert (got.detach() - before).abs().max() > 1e-6, "the weighting net must have moved"
     torch.testing.assert_close(result.weights, expected_weights, rtol=0, atol=1e-10)
     torch.testing.assert_close(result.loss_per_sample, losses.detach(), rtol=0, atol=0)
-    for got, expected in zip(got_grads, expected_grads):
+    for got, expected in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     if cfg.normalize:
         assert result.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -243,7 +264,12 @@ def test_virtual_subset_changes_the_meta_gradient(float64_default):
     for virtual_params in ([], ["text"]):
         torch.manual_seed(0)
         task = TinyTask()
-        meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params), task)
+        meta = MetaWeighting(
+            MetaConfig(
+                interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=virtual_params
+            ),
+            task,
+        )
         meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
         moved.append(torch.cat([p.detach().flatten() for p in meta.wnet.parameters()]))
     assert (moved[0] - moved[1]).abs().max() > 1e-6
@@ -253,7 +279,9 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
     torch.manual_seed(0)
     task = TinyTask()
     before = copy.deepcopy(task.state_dict())
-    meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task)
+    meta = MetaWeighting(
+        MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, virtual_params=[]), task
+    )
     gen = torch.Generator().manual_seed(1)
     train_batch, meta_batch = _tiny_batch(8, gen), _tiny_batch(6, gen)
     meta.meta_update(task, task(train_batch)["loss_per_sample"], meta_batch)
@@ -268,14 +296,16 @@ def test_meta_update_leaves_the_model_untouched(float64_default):
 def test_meta_interval_updates_only_on_multiples():
     torch.manual_seed(0)
     task = TinyTask()
-    meta = MetaWeighting(MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3, virtual_params=[]), task)
+    meta = MetaWeighting(
+        MetaConfig(zero_init=False, optimizer="sgd", lr=0.5, virtual_lr=0.7, interval=3, virtual_params=[]), task
+    )
     gen = torch.Generator().manual_seed(1)
     changed_on = []
     for step in range(8):
         before = [p.detach().clone() for p in meta.wnet.parameters()]
         train_batch, meta_batch = _tiny_batch(8, gen), _tiny_batch(6, gen)
         result = meta.step(task, task(train_batch)["loss_per_sample"], meta_batch, step)
-        changed = any((p.detach() != b).any() for p, b in zip(meta.wnet.parameters(), before))
+        changed = any((p.detach() != b).any() for p, b in zip(meta.wnet.parameters(), before, strict=True))
         if changed:
             changed_on.append(step)
         assert (result.meta_loss is not None) == (step % 3 == 0)
@@ -284,7 +314,7 @@ def test_meta_interval_updates_only_on_multiples():
     before = [p.detach().clone() for p in meta.wnet.parameters()]
     result = meta.step(task, task(_tiny_batch(8, gen))["loss_per_sample"], None, step=9)
     assert result.meta_loss is None
-    assert all((p.detach() == b).all() for p, b in zip(meta.wnet.parameters(), before))
+    assert all((p.detach() == b).all() for p, b in zip(meta.wnet.parameters(), before, strict=True))
 
 
 # --- the weighting net learns to down-weight corrupted samples ----------------------------------
@@ -299,7 +329,9 @@ class _Classifier(nn.Module):
         return {"loss_per_sample": F.cross_entropy(self.linear(batch["x"]), batch["y"], reduction="none")}
 
 
-def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy_fraction: float = 0.4, method: str = "exact"):
+def _train_with_noisy_labels(
+    seed: int, zero_init: bool, steps: int = 200, noisy_fraction: float = 0.4, method: str = "exact"
+):
     """Linear softmax classifier on Gaussian clusters, 40% of training labels flipped, clean meta set.
 
     Returns the mean weight (x batch size, so uniform = 1) of clean and corrupted samples over the
@@ -321,7 +353,12 @@ def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy
     meta_x, meta_labels = sample(128)
 
     task = _Classifier(dim, classes)
-    meta = MetaWeighting(MetaConfig(interval=1, zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[], method=method), task)
+    meta = MetaWeighting(
+        MetaConfig(
+            interval=1, zero_init=zero_init, optimizer="adam", lr=1e-3, virtual_lr=0.5, virtual_params=[], method=method
+        ),
+        task,
+    )
     initial_wnet = copy.deepcopy(meta.wnet)
     optimizer = torch.optim.SGD(task.parameters(), lr=0.5)
     weights = {"clean": [], "corrupted": [], "init_clean": [], "init_corrupted": []}
@@ -332,7 +369,10 @@ def _train_with_noisy_labels(seed: int, zero_init: bool, steps: int = 200, noisy
         train_batch = {"x": x[idx], "y": noisy[idx]}
         losses = task(train_batch)["loss_per_sample"]
         result = meta.step(
-            task, losses, {"x": meta_x[meta_idx], "y": meta_labels[meta_idx]}, step,
+            task,
+            losses,
+            {"x": meta_x[meta_idx], "y": meta_labels[meta_idx]},
+            step,
             train_forward=lambda params, b=train_batch: functional_call(task, params, (b,))["loss_per_sample"],
         )
         optimizer.zero_grad()
@@ -396,11 +436,29 @@ def test_first_order_meta_gradient_approximates_the_exact_one(float64_default):
     deltas = {}
     for method in ("exact", "first_order"):
         torch.manual_seed(1)
-        meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=1.0, virtual_lr=1e-3, virtual_params=[], method=method, fd_step=1e-5), task)
+        meta = MetaWeighting(
+            MetaConfig(
+                interval=1,
+                zero_init=False,
+                optimizer="sgd",
+                lr=1.0,
+                virtual_lr=1e-3,
+                virtual_params=[],
+                method=method,
+                fd_step=1e-5,
+            ),
+            task,
+        )
         meta.wnet.double()
         before = torch.cat([p.detach().flatten().clone() for p in meta.wnet.parameters()])
         losses = task({"x": x, "y": y})["loss_per_sample"]
-        meta.step(task, losses, {"x": mx, "y": my}, 0, train_forward=lambda params: functional_call(task, params, ({"x": x, "y": y},))["loss_per_sample"])
+        meta.step(
+            task,
+            losses,
+            {"x": mx, "y": my},
+            0,
+            train_forward=lambda params: functional_call(task, params, ({"x": x, "y": y},))["loss_per_sample"],
+        )
         deltas[method] = torch.cat([p.detach().flatten() for p in meta.wnet.parameters()]) - before
     cos = F.cosine_similarity(deltas["exact"], deltas["first_order"], dim=0).item()
     assert deltas["exact"].norm() > 0
@@ -449,7 +507,9 @@ def test_meta_step_through_attention_model():
         return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask}
 
     train_batch, meta_batch = batch(captions[:4]), batch(captions[2:])
-    meta = MetaWeighting(MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task)
+    meta = MetaWeighting(
+        MetaConfig(interval=1, zero_init=False, optimizer="adam", lr=1e-2, virtual_lr=1.0, virtual_params=[]), task
+    )
     before = [p.detach().clone() for p in meta.wnet.parameters()]
 
     with meta_forward_context(True):
@@ -458,7 +518,7 @@ def test_meta_step_through_attention_model():
     (result.weights * losses).sum().backward()
 
     assert result.meta_loss is not None and math.isfinite(result.meta_loss)
-    assert any((p.detach() - b).abs().max() > 1e-6 for p, b in zip(meta.wnet.parameters(), before))
+    assert any((p.detach() - b).abs().max() > 1e-6 for p, b in zip(meta.wnet.parameters(), before, strict=True))
     for name, param in task.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 

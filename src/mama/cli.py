@@ -16,7 +16,9 @@ from mama.config import ConfigError
 def _cmd_synth(args: argparse.Namespace) -> int:
     from mama.data.synthvl import generate, scaled_config
 
-    out = generate(Path(args.out), scaled_config(args.seed, args.scale), progress=not args.no_progress, workers=args.workers)
+    out = generate(
+        Path(args.out), scaled_config(args.seed, args.scale), progress=not args.no_progress, workers=args.workers
+    )
     print(f"SynthVL written to {out}")
     return 0
 
@@ -43,7 +45,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mama.inference.embed import export_pretrained
 
     out = export_pretrained(Path(args.checkpoint), Path(args.out))
-    print(f"model written to {out} (load it with mama.inference.embed.Encoder.from_pretrained or `mama embed --model {out}`)")
+    print(
+        f"model written to {out} (load it with mama.inference.embed.Encoder.from_pretrained or `mama embed --model {out}`)"
+    )
     return 0
 
 
@@ -57,7 +61,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         with_texts=args.texts,
     )
     encoder = Encoder.from_pretrained(args.model, device=args.device, num_frames=args.frames)
-    info = build_index(encoder, videos, Path(args.out), texts, args.batch_size, args.workers, progress=not args.no_progress)
+    info = build_index(
+        encoder, videos, Path(args.out), texts, args.batch_size, args.workers, progress=not args.no_progress
+    )
     print(json.dumps({"index": args.out, **info}, indent=2))
     return 0
 
@@ -109,7 +115,9 @@ def _caption_config(args: argparse.Namespace) -> Any:
 def _keyframe_config(args: argparse.Namespace) -> Any:
     from mama.augment.job import KeyframeConfig
 
-    return KeyframeConfig(num=args.num_keyframes, threshold=args.threshold, rows=args.rows, cols=args.cols, tile_short_side=args.tile_size)
+    return KeyframeConfig(
+        num=args.num_keyframes, threshold=args.threshold, rows=args.rows, cols=args.cols, tile_short_side=args.tile_size
+    )
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
@@ -147,7 +155,13 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 
     records = read_dataset(args.format, Path(args.annotations[0]), Path(args.videos) if args.videos else None)
     summary = augment(
-        records, out, _caption_config(args), _keyframe_config(args), parse_shard(args.shard), args.workers, not args.no_progress
+        records,
+        out,
+        _caption_config(args),
+        _keyframe_config(args),
+        parse_shard(args.shard),
+        args.workers,
+        not args.no_progress,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -163,14 +177,20 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-words", type=int, default=3, help="drop shorter captions (0: keep all)")
     p.add_argument("--max-words", type=int, default=60, help="drop longer captions (0: keep all)")
-    p.add_argument("--repeat-ngram", type=int, default=4, help="drop captions repeating an n-gram of this many words (0: off)")
-    p.add_argument("--multi-frame", action="store_true", help="one image per keyframe instead of the grid (video-native models)")
+    p.add_argument(
+        "--repeat-ngram", type=int, default=4, help="drop captions repeating an n-gram of this many words (0: off)"
+    )
+    p.add_argument(
+        "--multi-frame", action="store_true", help="one image per keyframe instead of the grid (video-native models)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--batch-size", type=int, default=4, help="videos per generate call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-keyframes", type=int, default=12)
-    p.add_argument("--threshold", type=float, default=0.1, help="keyframe peak threshold (fraction of the signal range)")
+    p.add_argument(
+        "--threshold", type=float, default=0.1, help="keyframe peak threshold (fraction of the signal range)"
+    )
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--cols", type=int, default=4)
     p.add_argument("--tile-size", type=int, default=224, help="shorter side of each keyframe in the grid")
@@ -236,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="write a trained model as a self-contained folder (safetensors + config + tokenizer)")
+    p = sub.add_parser(
+        "export", help="write a trained model as a self-contained folder (safetensors + config + tokenizer)"
+    )
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoints/step_* folder")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
@@ -244,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed videos (and captions) with a trained model into an index folder")
     p.add_argument("--model", required=True, help="exported model folder, run folder or checkpoint")
     p.add_argument("--out", required=True, help="index folder")
-    p.add_argument("--videos", default=None, help="folder of videos (searched recursively); with --annotations: where its videos are")
+    p.add_argument(
+        "--videos",
+        default=None,
+        help="folder of videos (searched recursively); with --annotations: where its videos are",
+    )
     p.add_argument("--annotations", default=None, help="annotation file of a split (any data.format)")
     p.add_argument("--format", default="jsonl", help="annotation layout (see docs/datasets.md)")
     p.add_argument("--texts", action="store_true", help="also embed the annotations' human captions")
@@ -262,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_search)
 
-    p = sub.add_parser("keyframes", help="find a video's keyframes (MAMA's LVLM front end) and optionally save their grid")
+    p = sub.add_parser(
+        "keyframes", help="find a video's keyframes (MAMA's LVLM front end) and optionally save their grid"
+    )
     p.add_argument("video", help="video file or frame folder")
     p.add_argument("--num", type=int, default=12)
     p.add_argument("--threshold", type=float, default=0.1)
@@ -279,11 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("augment", help="caption every video of an annotation file into a resumable JSONL")
-    p.add_argument("annotations", nargs="*", help="annotation file (with --merge: shard files, default: found next to --out)")
+    p.add_argument(
+        "annotations", nargs="*", help="annotation file (with --merge: shard files, default: found next to --out)"
+    )
     p.add_argument("--out", required=True, help="output JSONL (appended to; re-runs skip the videos already in it)")
     p.add_argument("--videos", default=None, help="folder the videos are found in, by id (see docs/datasets.md)")
     p.add_argument("--format", default="jsonl", help="annotation layout (data.format)")
-    p.add_argument("--shard", default=None, help="I/N: caption every N-th video from the I-th (default: torchrun rank/world)")
+    p.add_argument(
+        "--shard", default=None, help="I/N: caption every N-th video from the I-th (default: torchrun rank/world)"
+    )
     p.add_argument("--merge", action="store_true", help="join the shard outputs into --out")
     p.add_argument("--workers", type=int, default=0, help="keyframe extraction processes")
     p.add_argument("--no-progress", action="store_true")
@@ -291,13 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="InfoNCE vs angular margin vs MAMA on SynthVL")
-    p.add_argument("--task", choices=("retrieval", "qa"), default="retrieval", help="retrieval: InfoNCE vs margin vs MAMA; qa: plain vs meta-weighted QA")
+    p.add_argument(
+        "--task",
+        choices=("retrieval", "qa"),
+        default="retrieval",
+        help="retrieval: InfoNCE vs margin vs MAMA; qa: plain vs meta-weighted QA",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")
     p.add_argument("--out", default="runs/demo", help="output folder (results.json, plots, runs)")
     # 0.01 was best of {0, 0.01, 0.02, 0.05} on the SynthVL *validation* split, with and without meta
     # weighting (benchmarks/margin_sweep.py); the authors' QA code used 0.05.
     p.add_argument("--margin", type=float, default=0.01, help="mu (radians) of the margin and MAMA variants")
-    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds, one run of each variant per seed")
+    p.add_argument(
+        "--seeds", type=_int_list, default=[0], help="comma-separated seeds, one run of each variant per seed"
+    )
     p.add_argument("--config", default=None, help="base config (default: the built-in demo config)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")

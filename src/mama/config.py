@@ -55,7 +55,9 @@ class DataConfig:
     meta_holdout: int = 0
     val: str = "val.jsonl"
     test: str = "test.jsonl"
-    lvlm_captions: list[str] = field(default_factory=list)  # JSONL files of `mama augment`: join the train pools as "lvlm"
+    lvlm_captions: list[str] = field(
+        default_factory=list
+    )  # JSONL files of `mama augment`: join the train pools as "lvlm"
     decode: DecodeMode = "cache"  # "cache": decode once into a safetensors frame cache | "stream": decode every batch
     workers: int = resumable(0)  # data-loading worker processes (stream decoding); 0 = in the training process
     cached_frames: int = 0  # frames kept per video (cache) or sampling slots (stream); 0 = 2 x num_frames
@@ -268,7 +270,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         path = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key(s): {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 

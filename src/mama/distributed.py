@@ -48,7 +48,9 @@ def init_distributed(device: str = "auto") -> DistContext:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    requested = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    requested = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     use_cuda = requested.type == "cuda"
     if use_cuda:
         # One GPU per rank, chosen by torchrun's LOCAL_RANK; a single process keeps the named index.

@@ -1,7 +1,7 @@
 """Contrastive losses: the subtractive angular margin loss of MAMA and the InfoNCE it generalises.
 
 Every loss here is a pure function of tensors. Embeddings are L2-normalised rows; row ``i`` of the
-video and text matrices is a positive pair. See ``shared/method.md`` section 1 for the formulas.
+video and text matrices is a positive pair. The formulas are in the README's "Method notes" and in :func:`angular_margin_nce`.
 """
 
 from __future__ import annotations
@@ -123,9 +123,7 @@ def angular_margin_nce(
     return _reduce(loss_per_sample, reduction)
 
 
-def infonce(
-    video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, reduction: Reduction = "mean"
-) -> Tensor:
+def infonce(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, reduction: Reduction = "mean") -> Tensor:
     """Symmetric InfoNCE (CLIP), as the sum of both directions per sample; margin 0 of the MAMA loss."""
     return angular_margin_nce(video_emb, text_emb, logit_scale, margin=0.0, reduction=reduction)
 
@@ -136,7 +134,9 @@ class LogitScale(nn.Module):
     Call :meth:`clamp_` after every optimiser step to keep ``s`` in ``[0, log_max]``.
     """
 
-    def __init__(self, init: float = LOG_LOGIT_SCALE_INIT, log_max: float = LOG_LOGIT_SCALE_MAX, learnable: bool = True):
+    def __init__(
+        self, init: float = LOG_LOGIT_SCALE_INIT, log_max: float = LOG_LOGIT_SCALE_MAX, learnable: bool = True
+    ):
         super().__init__()
         if not 0.0 <= init <= log_max:
             raise ValueError(f"initial log logit scale {init} outside [0, {log_max}]")

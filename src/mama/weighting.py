@@ -1,4 +1,4 @@
-"""Meta-learned sample weighting (Meta-Weight-Net style), method.md section 2.
+"""Meta-learned sample weighting (Meta-Weight-Net style; MAMA, Nguyen et al., ECCV 2024).
 
 A tiny MLP maps each sample's loss to a weight in (0, 1). It learns by bilevel optimisation: a virtual
 SGD step of the model on the weighted training loss, then the *unweighted* loss of those virtual
@@ -9,12 +9,11 @@ assigned, so the real model is untouched until the real optimiser step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
-
-import math
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +103,7 @@ class MetaWeighting:
                 self.wnet.parameters(), lr=lr, weight_decay=cfg.weight_decay
             )
         elif cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                self.wnet.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay
-            )
+            self.optimizer = torch.optim.SGD(self.wnet.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
         else:
             raise ValueError(f"meta.optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
         if cfg.method not in ("exact", "first_order"):
@@ -154,7 +151,7 @@ class MetaWeighting:
         partial_losses: Sequence[Tensor] | None = None,
         train_forward: Callable[[dict[str, Tensor]], Tensor] | None = None,
     ) -> float:
-        """Stages 1-2 (method.md section 2): virtual step, meta loss, one weighting-net update.
+        """Stages 1-2 of the meta step (README "Method notes"): virtual step, meta loss, one weighting-net update.
 
         ``task`` is the unwrapped module (never a DDP wrapper). ``loss_per_sample`` (n,) are this
         rank's training losses. For ``method="exact"`` they must carry the graph to the task's
@@ -227,7 +224,9 @@ class MetaWeighting:
         eps = self.cfg.fd_step / norm
 
         def losses_at(sign: float) -> Tensor:
-            probe = {name: p.detach() + sign * eps * g for name, p, g in zip(self.virtual_names, virtual, u, strict=True)}
+            probe = {
+                name: p.detach() + sign * eps * g for name, p, g in zip(self.virtual_names, virtual, u, strict=True)
+            }
             return train_forward({**frozen, **probe}).double()
 
         device_type = loss_per_sample.device.type

@@ -26,8 +26,6 @@ from mama.augment.captioner import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
-
-
 def _tiny_cfg(folder: Path, **overrides: object) -> CaptionConfig:
     """Filters off (gibberish would be dropped), few tokens, CPU."""
     settings: dict = {"model": str(folder), "min_words": 0, "max_words": 0, "repeat_ngram": 0,
@@ -45,7 +43,7 @@ def _images(n: int, seed: int, shape: tuple[int, ...] = (48, 64, 3)) -> list[tor
 def test_defaults_follow_the_paper() -> None:
     cfg = CaptionConfig()
     assert (cfg.model, cfg.prompt) == (DEFAULT_MODEL, "In a sentence, describe the process in the video.")
-    assert DEFAULT_PROMPT == cfg.prompt
+    assert cfg.prompt == DEFAULT_PROMPT
     assert (cfg.num_captions, cfg.temperature) == (2, 0.2)
 
 
@@ -119,8 +117,9 @@ def test_multi_frame_passes_one_placeholder_per_frame(tiny_llava_dir: Path) -> N
 
 
 def test_llava_next_checkpoints_load_their_own_class(tmp_path: Path) -> None:
-    from tiny_llava import save_tiny_llava
     from transformers import LlavaNextForConditionalGeneration
+
+    from tiny_llava import save_tiny_llava
 
     folder = save_tiny_llava(tmp_path / "tiny_llava_next", variant="llava_next")
     captioner = LlavaCaptioner(_tiny_cfg(folder, multi_frame=True))

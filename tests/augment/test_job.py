@@ -26,15 +26,30 @@ NO_FILTERS = ["--min-words", "0", "--max-words", "0", "--repeat-ngram", "0"]
 SMALL = ["--tile-size", "32", "--max-new-tokens", "8", "--num-captions", "2"]
 
 
-
-
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_keyframes_command(tiny_synthvl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     video = read_jsonl(tiny_synthvl / "test.jsonl")[0].video
-    assert main(["keyframes", str(video), "--num", "6", "--json", "--grid", str(tmp_path / "grid.png"), "--rows", "2", "--cols", "3"]) == 0
+    assert (
+        main(
+            [
+                "keyframes",
+                str(video),
+                "--num",
+                "6",
+                "--json",
+                "--grid",
+                str(tmp_path / "grid.png"),
+                "--rows",
+                "2",
+                "--cols",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"video", "num_frames", "fps", "peaks", "keyframes"}
     assert len(printed["keyframes"]) == 6 and printed["keyframes"] == sorted(printed["keyframes"])
@@ -44,28 +59,55 @@ def test_keyframes_command(tiny_synthvl: Path, tmp_path: Path, capsys: pytest.Ca
     assert grid.shape == (1, 2 * 224, 3 * 224, 3)
 
 
-def test_caption_command_prints_captions(tiny_synthvl: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_caption_command_prints_captions(
+    tiny_synthvl: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     video = read_jsonl(tiny_synthvl / "test.jsonl")[0].video
     assert main(["caption", str(video), "--model", str(tiny_llava_dir), *NO_FILTERS, *SMALL]) == 0
     captions = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert 1 <= len(captions) <= 2
 
 
-def test_augment_writes_one_line_per_video_and_lists_bad_ones(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_augment_writes_one_line_per_video_and_lists_bad_ones(
+    tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_synthvl, data, ignore=shutil.ignore_patterns(".cache"))
     records = read_jsonl(data / "test.jsonl")
     records[3].video.write_bytes(b"broken")
     out = tmp_path / "llava.jsonl"
-    args = ["augment", str(data / "test.jsonl"), "--out", str(out), "--model", str(tiny_llava_dir), "--no-progress", *NO_FILTERS, *SMALL]
+    args = [
+        "augment",
+        str(data / "test.jsonl"),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_llava_dir),
+        "--no-progress",
+        *NO_FILTERS,
+        *SMALL,
+    ]
     with pytest.warns(UserWarning, match=f"skipping video {records[3].video}"):
         assert main(args) == 0
     lines = _lines(out)
     assert [line["video_id"] for line in lines] == [r.id for i, r in enumerate(records) if i != 3]
     for line in lines:
-        assert set(line) == {"video_id", "video", "captions", "model", "prompt", "generation", "keyframe", "keyframes", "num_frames"}
+        assert set(line) == {
+            "video_id",
+            "video",
+            "captions",
+            "model",
+            "prompt",
+            "generation",
+            "keyframe",
+            "keyframes",
+            "num_frames",
+        }
         assert line["generation"]["dtype"] == "float32" and line["keyframe"]["num"] == 12
-        assert line["model"] == str(tiny_llava_dir) and line["prompt"] == "In a sentence, describe the process in the video."
+        assert (
+            line["model"] == str(tiny_llava_dir)
+            and line["prompt"] == "In a sentence, describe the process in the video."
+        )
         assert line["generation"]["temperature"] == 0.2 and line["generation"]["num_captions"] == 2
         assert len(line["keyframes"]) == 12 and all(isinstance(c, str) and c for c in line["captions"])
     bad = _lines(out.with_name("llava.bad.jsonl"))
@@ -80,7 +122,9 @@ def test_augment_writes_one_line_per_video_and_lists_bad_ones(tiny_synthvl: Path
     assert set(read_lvlm_captions(out)) == {line["video_id"] for line in lines}
 
 
-def test_killed_augment_resumes_with_every_video_exactly_once(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_killed_augment_resumes_with_every_video_exactly_once(
+    tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "llava.jsonl"
     annotations = tiny_synthvl / "train.jsonl"
     args = [
@@ -88,11 +132,15 @@ def test_killed_augment_resumes_with_every_video_exactly_once(tiny_synthvl: Path
         "--no-progress", *NO_FILTERS, *SMALL,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mama.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mama.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_bytes().count(b"\n") >= 6):
-            assert proc.poll() is None, f"augment exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            assert proc.poll() is None, (
+                f"augment exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            )
             assert time.monotonic() < deadline, "no output within 120 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -133,9 +181,17 @@ def test_resuming_with_other_settings_is_refused(tiny_synthvl: Path, tiny_llava_
     out = tmp_path / "llava.jsonl"
     augment(records[:1], out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32), progress=False)
     with pytest.raises(ValueError, match="other settings.*prompt"):
-        augment(records, out, _tiny_cfg(tiny_llava_dir, prompt="Describe it."), KeyframeConfig(tile_short_side=32), progress=False)
+        augment(
+            records,
+            out,
+            _tiny_cfg(tiny_llava_dir, prompt="Describe it."),
+            KeyframeConfig(tile_short_side=32),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="other settings.*keyframe"):
-        augment(records, out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32, threshold=0.3), progress=False)
+        augment(
+            records, out, _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32, threshold=0.3), progress=False
+        )
     # Batching and precision do not make captions incomparable.
     augment(records, out, _tiny_cfg(tiny_llava_dir, batch_size=1), KeyframeConfig(tile_short_side=32), progress=False)
     assert len(_lines(out)) == 2
@@ -166,18 +222,26 @@ def test_bad_settings_fail_before_any_video_and_unexpected_errors_are_per_video(
     assert "RuntimeError" in _lines(out.with_name("llava.bad.jsonl"))[0]["error"]
 
 
-def test_a_sharded_job_does_not_redo_an_unsharded_runs_videos(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_a_sharded_job_does_not_redo_an_unsharded_runs_videos(
+    tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path
+) -> None:
     records = read_jsonl(tiny_synthvl / "test.jsonl")[:6]
     out = tmp_path / "llava.jsonl"
     cfg, keyframes = _tiny_cfg(tiny_llava_dir), KeyframeConfig(tile_short_side=32)
     augment(records[:4], out, cfg, keyframes, progress=False)  # an unsharded run, interrupted after 4
     captioner = LlavaCaptioner(cfg)
-    shards = [augment(records, out, cfg, keyframes, shard=(i, 2), progress=False, captioner=captioner) for i in range(2)]
+    shards = [
+        augment(records, out, cfg, keyframes, shard=(i, 2), progress=False, captioner=captioner) for i in range(2)
+    ]
     assert sum(s["captioned"] for s in shards) == 2 and sum(s["already_done"] for s in shards) == 4
-    assert sorted(line["video_id"] for i in range(2) for line in _lines(shard_output(out, (i, 2)))) == sorted(r.id for r in records[4:])
+    assert sorted(line["video_id"] for i in range(2) for line in _lines(shard_output(out, (i, 2)))) == sorted(
+        r.id for r in records[4:]
+    )
 
 
-def test_shards_merged_equal_an_unsharded_run(tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shards_merged_equal_an_unsharded_run(
+    tiny_synthvl: Path, tiny_llava_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     records = read_jsonl(tiny_synthvl / "val.jsonl")
     cfg = _tiny_cfg(tiny_llava_dir, batch_size=3)
     captioner = LlavaCaptioner(cfg)
@@ -193,7 +257,10 @@ def test_shards_merged_equal_an_unsharded_run(tiny_synthvl: Path, tiny_llava_dir
     assert sorted(merged) == sorted(line["video_id"] for line in _lines(tmp_path / "whole.jsonl"))
     assert len(merged) == len(set(merged))
     # Merging again (or a shard listed twice) keeps each video once.
-    summary = merge([shard_output(out, (0, 3)), shard_output(out, (0, 3)), shard_output(out, (1, 3)), shard_output(out, (2, 3))], out)
+    summary = merge(
+        [shard_output(out, (0, 3)), shard_output(out, (0, 3)), shard_output(out, (1, 3)), shard_output(out, (2, 3))],
+        out,
+    )
     assert summary["videos"] == len(records) and summary["duplicates"] == len(_lines(shard_output(out, (0, 3))))
 
 

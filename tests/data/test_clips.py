@@ -27,15 +27,27 @@ class FailingFrames:
 
     def clips(self, video_index: Tensor, slot_index: Tensor) -> tuple[Tensor, list[tuple[int, str]]]:
         self.calls.append(video_index.tolist())
-        out = (video_index + 1).to(torch.uint8)[:, None, None, None, None].expand(-1, slot_index.shape[1], S, S, 3).clone()
-        failed = [(row, f"/videos/v{v}.mp4: corrupt video") for row, v in enumerate(video_index.tolist()) if v in self.bad]
+        out = (
+            (video_index + 1)
+            .to(torch.uint8)[:, None, None, None, None]
+            .expand(-1, slot_index.shape[1], S, S, 3)
+            .clone()
+        )
+        failed = [
+            (row, f"/videos/v{v}.mp4: corrupt video") for row, v in enumerate(video_index.tolist()) if v in self.bad
+        ]
         for row, _ in failed:
             out[row] = 0
         return out, failed
 
 
 def _clipset(bad: set[int]) -> ClipSet:
-    records = [VideoRecord(f"v{i}", Path(f"/videos/v{i}.mp4"), [Caption(f"video {i} caption {j}", "human") for j in range(POOL)]) for i in range(V)]
+    records = [
+        VideoRecord(
+            f"v{i}", Path(f"/videos/v{i}.mp4"), [Caption(f"video {i} caption {j}", "human") for j in range(POOL)]
+        )
+        for i in range(V)
+    ]
     # Caption ids encode (video, position in pool) so the pairing can be checked from the batch alone.
     ids = torch.tensor([[100 * i + j] for i in range(V) for j in range(POOL)])
     return ClipSet(

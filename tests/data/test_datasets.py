@@ -301,7 +301,9 @@ def msvd(tmp_path: Path) -> Path:
         "-8y1Q0rA3n8_108_115": [["a", "man", "plays", "a", "guitar"], ["someone", "plays", "music"]],
     }
     (root / "raw-captions.pkl").write_bytes(pickle.dumps(captions, protocol=2))
-    (root / "test_list.txt").write_text("-4wsuPCjDBc_5_15\n-7KMZQEsJW4_205_208\n\n-8y1Q0rA3n8_108_115\n", encoding="utf-8")
+    (root / "test_list.txt").write_text(
+        "-4wsuPCjDBc_5_15\n-7KMZQEsJW4_205_208\n\n-8y1Q0rA3n8_108_115\n", encoding="utf-8"
+    )
     videos = tmp_path / "MSVD_Videos"
     _touch(videos, "-4wsuPCjDBc_5_15.avi", "-7KMZQEsJW4_205_208.avi")
     _frames(videos, "-8y1Q0rA3n8_108_115")
@@ -355,7 +357,9 @@ def test_lsmdc_tab_separated_nested_videos_and_merged_repeats(tmp_path: Path) ->
     clip_a = "0001_American_Beauty_00.00.51.926-00.00.54.202"
     clip_b = "0001_American_Beauty_00.01.00.120-00.01.03.505"
     clip_c = "1004_Juno_00.00.32.009-00.00.36.580"
-    _touch(videos, f"0001_American_Beauty/{clip_a}.avi", f"0001_American_Beauty/{clip_b}.avi", f"1004_Juno/{clip_c}.avi")
+    _touch(
+        videos, f"0001_American_Beauty/{clip_a}.avi", f"0001_American_Beauty/{clip_b}.avi", f"1004_Juno/{clip_c}.avi"
+    )
     rows = [
         [clip_a, "00.00.51.926", "00.00.54.202", "00.00.51.950", "00.00.54.200", "SOMEONE gazes at the stars."],
         [clip_b, "00.01.00.120", "00.01.03.505", "00.01.00.100", "00.01.03.500", "SOMEONE walks in."],
@@ -416,5 +420,8 @@ def test_blank_captions_are_dropped_with_one_warning_and_a_clip_needs_one(tmp_pa
     assert [_texts(r) for r in records] == [["SOMEONE smiles."], ["SOMEONE runs."]]
 
     path.write_text("\t".join(["m_clip3", *times, ""]) + "\n", encoding="utf-8")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"line 1: video 'm_clip3' has no non-blank caption"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"line 1: video 'm_clip3' has no non-blank caption"),
+    ):
         read_dataset("lsmdc", path, tmp_path)

@@ -15,7 +15,7 @@ def test_uniform_indices_properties(num_available: int, num_frames: int) -> None
     assert indices.shape == (num_frames,)
     assert indices.dtype == torch.int64
     assert bool((indices[1:] >= indices[:-1]).all())
-    assert 0 <= int(indices.min()) and int(indices.max()) < num_available
+    assert int(indices.min()) >= 0 and int(indices.max()) < num_available
     if num_available >= num_frames:
         assert indices.unique().numel() == num_frames  # no repeats unless the video is too short
 
@@ -31,7 +31,7 @@ def test_segment_random_indices_properties(num_available: int) -> None:
     indices = segment_random_indices(num_available, num_frames, batch, torch.Generator().manual_seed(0))
     assert indices.shape == (batch, num_frames)
     assert bool((indices[:, 1:] >= indices[:, :-1]).all())
-    assert 0 <= int(indices.min()) and int(indices.max()) < num_available
+    assert int(indices.min()) >= 0 and int(indices.max()) < num_available
     # each pick stays inside (the integer frames touching) its own segment
     bounds = torch.arange(num_frames + 1, dtype=torch.float64) * num_available / num_frames
     assert bool((indices >= bounds[:-1].floor().long()).all())

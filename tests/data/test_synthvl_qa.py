@@ -34,7 +34,9 @@ def test_training_answers_are_noisy_at_the_asked_rate_and_long_tailed(records: d
     noisy = [q for q in questions if q["noise"] == "wrong_answer"]
     assert 0.26 < len(noisy) / len(questions) < 0.34
     assert all(q["answer"] != q["true_answer"] and q["answer"] in ANSWERS[q["qtype"]] for q in noisy)
-    colours = Counter(q["true_answer"] if q["noise"] != "none" else q["answer"] for q in questions if q["qtype"] == "colour")
+    colours = Counter(
+        q["true_answer"] if q["noise"] != "none" else q["answer"] for q in questions if q["qtype"] == "colour"
+    )
     assert max(colours.values()) > 3 * min(colours.values()), colours  # Zipf over concepts: a long tail
 
 
@@ -64,8 +66,12 @@ def test_files_are_written_next_to_synthvl_and_are_deterministic(tiny_synthvl: P
     line = json.loads((root / "qa_mc_test.jsonl").read_text().splitlines()[0])
     assert line["video"].startswith("videos/") and line["candidates"][line["answer_index"]] == line["answer"]
     count_questions = [json.loads(x) for x in (root / "qa_test.jsonl").read_text().splitlines() if '"count"' in x]
-    assert Counter(q["answer"] for q in count_questions) == Counter({a: len(count_questions) // 4 for a in ANSWERS["count"]})
-    train_counts = Counter(json.loads(x)["answer"] for x in (root / "qa_train.jsonl").read_text().splitlines() if '"qtype": "count"' in x)
+    assert Counter(q["answer"] for q in count_questions) == Counter(
+        {a: len(count_questions) // 4 for a in ANSWERS["count"]}
+    )
+    train_counts = Counter(
+        json.loads(x)["answer"] for x in (root / "qa_train.jsonl").read_text().splitlines() if '"qtype": "count"' in x
+    )
     assert train_counts["one"] > train_counts["four"]  # long-tailed in training
 
 

@@ -81,7 +81,7 @@ def test_normalize_known_values() -> None:
     out = normalize(frames)
     assert out.shape == (2, 3, 4, 5)
     assert out.dtype == torch.float32
-    expected = [(value / 255 - m) / s for value, m, s in zip((0, 128, 255), CLIP_MEAN, CLIP_STD)]
+    expected = [(value / 255 - m) / s for value, m, s in zip((0, 128, 255), CLIP_MEAN, CLIP_STD, strict=True)]
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected), rtol=0, atol=1e-5)
     assert torch.equal(out[1, :, 3, 4], out[0, :, 0, 0])
     # scalar statistics and the (B, T, H, W, 3) -> (B, T, 3, H, W) layout

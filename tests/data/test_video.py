@@ -117,7 +117,7 @@ def test_write_video_checks_input_and_leaves_no_partial_file(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="shape"):
         write_video(tmp_path / "gray.mp4", np.zeros((2, 16, 16), np.uint8), fps=8)
     # an encoder failure (unknown container) must not leave a temporary file
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         write_video(tmp_path / "clip.notaformat", np.zeros((2, 16, 16, 3), np.uint8), fps=8)
     assert list(tmp_path.iterdir()) == []
 
@@ -162,7 +162,7 @@ def _encode(
         stream.options = options
         if rotation_ccw is not None:
             stream.set_display_rotation(rotation_ccw)
-        for rgb, frame_pts in zip(frames, pts):
+        for rgb, frame_pts in zip(frames, pts, strict=True):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             frame.pts = frame_pts
             frame.time_base = time_base

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 def trained(tiny_synthvl: Path, tiny_overrides: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny model trained for 150 steps (t2v R@10 ~ 95% on the 30 test videos), and its export."""
     out = tmp_path_factory.mktemp("embed")
-    cfg = load_config(None, tiny_overrides(tiny_synthvl, out / "run") + ["train.steps=150", "optim.lr=2e-3", "train.log_every=50"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_synthvl, out / "run") + ["train.steps=150", "optim.lr=2e-3", "train.log_every=50"]
+    )
     train(cfg)
     assert main(["export", "--checkpoint", str(out / "run"), "--out", str(out / "model")]) == 0
     return {"run": out / "run", "model": out / "model", "data": tiny_synthvl, "out": out}
@@ -43,10 +45,27 @@ def test_encoder_embeds_exactly_like_evaluation(trained: dict[str, Path]) -> Non
         torch.testing.assert_close(encoder.encode_texts(clips.caption_text, batch_size=11), text_emb, atol=1e-5, rtol=0)
 
 
-def test_embed_and_search_find_each_captions_own_video(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_embed_and_search_find_each_captions_own_video(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     index = trained["out"] / "index"
     annotations = trained["data"] / "test.jsonl"
-    assert main(["embed", "--model", str(trained["model"]), "--annotations", str(annotations), "--texts", "--out", str(index), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(trained["model"]),
+                "--annotations",
+                str(annotations),
+                "--texts",
+                "--out",
+                str(index),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info, video_emb, rows = load_index(index)
     records = read_jsonl(annotations)
     assert info["num_videos"] == len(rows) == len(records) == video_emb.shape[0] and info["num_failed"] == 0
@@ -63,10 +82,14 @@ def test_embed_and_search_find_each_captions_own_video(trained: dict[str, Path],
     capsys.readouterr()
     assert main(["search", queries[0][1], "--index", str(index), "--top-k", "3", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed[0]["query"] == queries[0][1] and [h["id"] for h in printed[0]["results"]] == [h["id"] for h in results[0][:3]]
+    assert printed[0]["query"] == queries[0][1] and [h["id"] for h in printed[0]["results"]] == [
+        h["id"] for h in results[0][:3]
+    ]
 
 
-def test_embedding_a_folder_is_resumable_and_skips_bad_videos(trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedding_a_folder_is_resumable_and_skips_bad_videos(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "videos"
     sources = sorted((trained["data"] / "videos").rglob("*.mp4"))[:10]
     folder.mkdir()

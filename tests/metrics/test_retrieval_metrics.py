@@ -232,7 +232,9 @@ def test_dsl_scores_keep_float64_exponent_range():
     # -0.0 in float32 and would tie (rank 2). In float64 range its own video's score, -0.78·e^-178,
     # is above the other's, -0.62·e^-162 (DSL scales negative similarities towards zero).
     video_emb = torch.eye(2)
-    text_emb = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), F.normalize(torch.tensor([-0.4, -0.5]), dim=0)])
+    text_emb = torch.stack(
+        [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), F.normalize(torch.tensor([-0.4, -0.5]), dim=0)]
+    )
     text_to_video = torch.tensor([0, 1, 1])
     t2v, _ = retrieval_ranks(text_emb, video_emb, text_to_video, dsl=True, dsl_temperature=100.0)
     assert t2v.tolist() == [1, 1, 1]

@@ -66,7 +66,9 @@ def test_tiny_encoder_token_features() -> None:
     assert text_tokens.shape == (3, ids.shape[1], encoder.text_token_dim) and encoder.text_token_dim == WIDTH
     # The [CLS] token of each sequence is what the embedding heads read: same embeddings as before.
     torch.testing.assert_close(encoder.pool_video_tokens(video_tokens), encoder.encode_video(video))
-    torch.testing.assert_close(F.normalize(encoder.text.head(text_tokens[:, 0]), dim=-1), encoder.encode_text(ids, mask))
+    torch.testing.assert_close(
+        F.normalize(encoder.text.head(text_tokens[:, 0]), dim=-1), encoder.encode_text(ids, mask)
+    )
 
 
 def test_clip_token_features(tiny_clip_dir: Path) -> None:

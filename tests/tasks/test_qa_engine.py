@@ -37,14 +37,21 @@ def _cfg(root: Path, overrides: Overrides, out: Path, *extra: str) -> Any:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("variant", [pytest.param(["meta.enabled=false"], id="plain"), pytest.param(ACTIVE_META, id="meta-exact")])
-def test_two_process_qa_equals_one_process(variant: list[str], tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant", [pytest.param(["meta.enabled=false"], id="plain"), pytest.param(ACTIVE_META, id="meta-exact")]
+)
+def test_two_process_qa_equals_one_process(
+    variant: list[str], tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     """The contrastive term's negatives span both ranks and the meta step is global, so 2 ranks of 8
     rows train what 1 process trains on the 16 rows."""
     common = [*STABLE, *variant, "train.checkpoint_every=3"]
     result = train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "one", *common))
     two_dir = tmp_path / "two"
-    _torchrun(["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_qa_data, two_dir), *TINY_QA, *common], tmp_path)
+    _torchrun(
+        ["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_qa_data, two_dir), *TINY_QA, *common],
+        tmp_path,
+    )
     _assert_close_runs(tmp_path / "one", two_dir, atol=1e-5)
     if "meta.enabled=true" in variant:
         assert_weighting_net_moved(tmp_path / "one")
@@ -54,8 +61,17 @@ def test_two_process_qa_equals_one_process(variant: list[str], tiny_qa_data: Pat
     assert two_metrics["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=one_question + 1e-6)
 
 
-@pytest.mark.parametrize("variant", [pytest.param([], id="plain"), pytest.param(ACTIVE_META, id="meta-exact")])
-def test_qa_accumulation_equals_one_batch(variant: list[str], tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param([], id="plain"),
+        pytest.param(ACTIVE_META, id="meta-exact"),
+        pytest.param([*ACTIVE_META, "meta.method=first_order", "meta.interval=2"], id="meta-first-order-every-2"),
+    ],
+)
+def test_qa_accumulation_equals_one_batch(
+    variant: list[str], tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
     """4 micro-batches of 4 with cached answer losses and embeddings update like one batch of 16."""
     train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "big", *STABLE, *variant, "train.checkpoint_every=3"))
     train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "micro", *STABLE, *variant, "train.accum_steps=4"))
@@ -71,6 +87,22 @@ def test_qa_accumulation_equals_one_batch(variant: list[str], tiny_qa_data: Path
         _assert_close_runs(tmp_path / "big", tmp_path / "short", atol=1e-3)
 
 
+def test_qa_gradient_checkpointing_changes_nothing(
+    tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
+    train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "plain", *ACTIVE_META))
+    train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "ckpt", *ACTIVE_META, "model.grad_checkpointing=true"))
+    _assert_close_runs(tmp_path / "plain", tmp_path / "ckpt", atol=0.0)
+
+
+def test_qa_trains_in_bf16(tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
+    """bf16 autocast on CPU with the exact meta step: losses, meta losses and weights stay finite."""
+    result = train(_cfg(tiny_qa_data, tiny_overrides, tmp_path / "run", *ACTIVE_META, "train.precision=bf16"))
+    for record in result.history:
+        assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss", "meta_loss")), record
+    assert torch.isfinite(torch.tensor(result.metrics["accuracy"]))
+
+
 @pytest.mark.slow
 def test_killed_qa_run_resumes_to_the_same_state(tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
     """SIGKILL mid-run, `--resume`: weights, both optimisers and the schedule end bitwise as in an
@@ -82,11 +114,15 @@ def test_killed_qa_run_resumes_to_the_same_state(tiny_qa_data: Path, tiny_overri
     cfg = _cfg(tiny_qa_data, tiny_overrides, killed, *extra)
     save_config(cfg, tmp_path / "killed.yaml")
     cmd = [sys.executable, "-m", "mama.cli", "train", "--config", str(tmp_path / "killed.yaml")]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not (killed / "checkpoints" / "step_00000008").exists():
-            assert proc.poll() is None, f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            assert proc.poll() is None, (
+                f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            )
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -103,11 +139,16 @@ def test_killed_qa_run_resumes_to_the_same_state(tiny_qa_data: Path, tiny_overri
         _assert_same_tensors(a.state[part], b.state[part], part)
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(2, 31, 2))
-    assert json.loads((killed / "metrics.json").read_text())["accuracy"] == json.loads((reference / "metrics.json").read_text())["accuracy"]
+    assert (
+        json.loads((killed / "metrics.json").read_text())["accuracy"]
+        == json.loads((reference / "metrics.json").read_text())["accuracy"]
+    )
 
 
 @pytest.mark.slow
-def test_eval_export_and_embed_of_a_qa_run(tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_export_and_embed_of_a_qa_run(
+    tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     train(_cfg(tiny_qa_data, tiny_overrides, run, "train.steps=4"))
     capsys.readouterr()
@@ -125,11 +166,27 @@ def test_eval_export_and_embed_of_a_qa_run(tiny_qa_data: Path, tiny_overrides: O
     assert json.loads((model / "config.json").read_text())["task"] == "qa"
     trained = load_run(run)
     exported = load_run(run).encoder
-    assert main(["embed", "--model", str(model), "--annotations", str(tiny_qa_data / "test.jsonl"), "--out", str(tmp_path / "index"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(model),
+                "--annotations",
+                str(tiny_qa_data / "test.jsonl"),
+                "--out",
+                str(tmp_path / "index"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["search", "a red circle", "--index", str(tmp_path / "index"), "--top-k", "3", "--json"]) == 0
     capsys.readouterr()
     from mama.inference.embed import Encoder
 
     encoder = Encoder.from_pretrained(model)
     ids, mask = trained.task.tokenizer(["a red circle moves left"])
-    torch.testing.assert_close(encoder.encode_texts(["a red circle moves left"]), exported.encode_text(ids, mask).detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        encoder.encode_texts(["a red circle moves left"]), exported.encode_text(ids, mask).detach(), atol=1e-6, rtol=0
+    )

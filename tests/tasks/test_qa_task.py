@@ -15,7 +15,14 @@ from mama.data.synthvl_qa import write_synthvl_qa
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "synthvl_qa.yaml"
-TINY_QA = ["qa.fusion_width=32", "qa.fusion_heads=2", "qa.fusion_layers=1", "meta.batch_size=16", "train.log_every=20", "optim.lr=2e-3"]
+TINY_QA = [
+    "qa.fusion_width=32",
+    "qa.fusion_heads=2",
+    "qa.fusion_layers=1",
+    "meta.batch_size=16",
+    "train.log_every=20",
+    "optim.lr=2e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,9 @@ def qa_data(tiny_synthvl: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return root
 
 
-def test_qa_recipe_trains_and_beats_the_majority_answer(qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_qa_recipe_trains_and_beats_the_majority_answer(
+    qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     assert main(["train", "--config", str(RECIPE), *tiny_overrides(qa_data, run), *TINY_QA, "train.steps=600"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -41,10 +50,14 @@ def test_qa_recipe_trains_and_beats_the_majority_answer(qa_data: Path, tiny_over
     assert (run / "answers.json").exists() and any((run / "checkpoints").iterdir())
 
 
-def test_qa_demo_compares_plain_and_meta_weighted(qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_qa_demo_compares_plain_and_meta_weighted(
+    qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo"
     overrides = [o for o in tiny_overrides(qa_data, out / "unused") if not o.startswith("train.out_dir")]
-    assert main(["demo", "--task", "qa", "--out", str(out), "--no-progress", *overrides, *TINY_QA, "train.steps=20"]) == 0
+    assert (
+        main(["demo", "--task", "qa", "--out", str(out), "--no-progress", *overrides, *TINY_QA, "train.steps=20"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "majority-answer baseline" in printed and "plain" in printed and "meta" in printed
     results = json.loads((out / "results.json").read_text())
@@ -52,7 +65,9 @@ def test_qa_demo_compares_plain_and_meta_weighted(qa_data: Path, tiny_overrides:
     assert all("accuracy" in v and "acc_tail" in v and "acc_rare_answers" in v for v in results["variants"].values())
 
 
-def test_multiple_choice_qa_trains_with_uneven_candidate_counts(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
+def test_multiple_choice_qa_trains_with_uneven_candidate_counts(
+    qa_data: Path, tiny_overrides: Any, tmp_path: Path
+) -> None:
     """SynthVL's multiple-choice questions have 2 to 5 candidates: padding candidates are never chosen."""
     run = tmp_path / "run"
     files = [f"qa.{s}=qa_mc_{s}.jsonl" for s in ("train", "meta", "val", "test")]
@@ -87,7 +102,9 @@ def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_c
     assert sorted({g["initial_lr"] for g in groups}) == [2e-5, 1e-4]  # the CLIP backbone at optim.backbone_lr
 
 
-def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_data: Path, tiny_overrides: Any, tmp_path: Path) -> None:
+def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(
+    qa_data: Path, tiny_overrides: Any, tmp_path: Path
+) -> None:
     from collections import Counter
 
     from mama.tasks.qa import hold_out_questions
@@ -107,12 +124,15 @@ def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(qa_
 def test_rare_answers_are_the_least_frequent_third_per_type() -> None:
     from types import SimpleNamespace
 
-    from mama.tasks.qa import rare_answers
     from mama.data.qa_records import QARecord
+    from mama.tasks.qa import rare_answers
 
     def q(qtype: str, answer: str, i: int) -> QARecord:
         return QARecord(f"{qtype}{answer}{i}", "v", Path("v.mp4"), "what?", answer, qtype=qtype)
 
-    counts = {"colour": {"red": 9, "blue": 5, "green": 2, "pink": 1, "cyan": 1, "gray": 3}, "size": {"small": 6, "large": 1}}
+    counts = {
+        "colour": {"red": 9, "blue": 5, "green": 2, "pink": 1, "cyan": 1, "gray": 3},
+        "size": {"small": 6, "large": 1},
+    }
     records = [q(t, a, i) for t, answers in counts.items() for a, n in answers.items() for i in range(n)]
     assert rare_answers(SimpleNamespace(records=records)) == {("colour", "cyan"), ("colour", "pink"), ("size", "large")}

@@ -65,7 +65,7 @@ def digest(flat: dict[str, Any]) -> str:
 def test_mama_recipe_run_is_bitwise_the_pinned_reference(tiny_synthvl: Path, tmp_path: Path) -> None:
     here = {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if any(here[k] != PINNED[k] for k in here):
-        pytest.skip(f"the digest was recorded with {({k: PINNED[k] for k in here})}; this machine has {here}")
+        pytest.skip(f"the digest was recorded with { ({k: PINNED[k] for k in here}) }; this machine has {here}")
     threads = torch.get_num_threads()
     overrides = [
         f"data.root={tiny_synthvl}", "data.synthvl=false", "train.steps=150", "train.threads=1", "train.progress=false",
@@ -77,10 +77,14 @@ def test_mama_recipe_run_is_bitwise_the_pinned_reference(tiny_synthvl: Path, tmp
     finally:
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints")
-    state = {"tensors": ckpt.tensors, "optimizer": ckpt.state["optimizer"], "meta_optimizer": ckpt.state["meta_optimizer"]}
+    state = {
+        "tensors": ckpt.tensors,
+        "optimizer": ckpt.state["optimizer"],
+        "meta_optimizer": ckpt.state["meta_optimizer"],
+    }
     flat = flatten(state, "", {})
     assert len(flat) == PINNED["num_entries"]
-    assert {k: result.metrics[k] for k in ("t2v_r1", "v2t_r1", "tail_t2v_r1")} == {k: PINNED[k] for k in ("t2v_r1", "v2t_r1", "tail_t2v_r1")}
+    assert {k: result.metrics[k] for k in ("t2v_r1", "v2t_r1", "tail_t2v_r1")} == {
+        k: PINNED[k] for k in ("t2v_r1", "v2t_r1", "tail_t2v_r1")
+    }
     assert digest(flat) == PINNED["digest"]
-
-

@@ -46,7 +46,7 @@ __all__ = ["KeyframeConfig", "augment", "find_shards", "merge", "parse_shard", "
 
 @dataclass(frozen=True)
 class KeyframeConfig:
-    """How each video becomes the captioner's input (method.md section 3)."""
+    """How each video becomes the captioner's input (the authors' LLaVA demo: a keyframe grid)."""
 
     num: int = 12
     threshold: float = 0.1
@@ -57,7 +57,9 @@ class KeyframeConfig:
     def __post_init__(self) -> None:
         # Checked once here: a bad setting must stop the job, not mark every video as broken.
         if self.num < 1 or self.rows < 1 or self.cols < 1 or self.rows * self.cols < self.num:
-            raise ValueError(f"{self.num} keyframes need a grid of at least that many cells, got {self.rows} x {self.cols}")
+            raise ValueError(
+                f"{self.num} keyframes need a grid of at least that many cells, got {self.rows} x {self.cols}"
+            )
         if not 0 <= self.threshold < 1:
             raise ValueError(f"the keyframe threshold must be in [0, 1), got {self.threshold}")
         if self.tile_short_side < 1:
@@ -93,7 +95,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
             raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}")
         return rank, world
     if world > 1:
-        raise ValueError("--shard splits the work by hand; under torchrun each rank already takes its own shard: drop --shard")
+        raise ValueError(
+            "--shard splits the work by hand; under torchrun each rank already takes its own shard: drop --shard"
+        )
     index, sep, count = text.partition("/")
     try:
         shard = (int(index), int(count))
@@ -164,7 +168,9 @@ def _read_lines(path: Path, repair: bool = True) -> dict[str, dict[str, Any]]:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 if not repair and line_no == len(data.splitlines()):
                     continue  # another process's line in flight
-                raise ValueError(f"{path}:{line_no}: not a caption line ({exc}); is this the right --out file?") from None
+                raise ValueError(
+                    f"{path}:{line_no}: not a caption line ({exc}); is this the right --out file?"
+                ) from None
     return lines
 
 
@@ -186,7 +192,12 @@ def _append(path: Path, lines: Sequence[dict[str, Any]]) -> None:
 def _settings(line: dict[str, Any]) -> dict[str, Any]:
     """What makes captions comparable: model, prompt, generation (less batching/precision) and keyframes."""
     generation = {k: v for k, v in line.get("generation", {}).items() if k not in ("batch_size", "dtype", "device")}
-    return {"model": line.get("model"), "prompt": line.get("prompt"), "generation": generation, "keyframe": line.get("keyframe")}
+    return {
+        "model": line.get("model"),
+        "prompt": line.get("prompt"),
+        "generation": generation,
+        "keyframe": line.get("keyframe"),
+    }
 
 
 def _seed_offset(video_id: str) -> int:
@@ -236,13 +247,22 @@ def augment(
     for other in others:
         if other != path:
             done_lines.update(_read_lines(other, repair=False))
-    done = set(done_lines) | _read_ids(bad_path) | {i for o in others if o != path for i in _read_ids(_bad_path(o), repair=False)}
+    done = (
+        set(done_lines)
+        | _read_ids(bad_path)
+        | {i for o in others if o != path for i in _read_ids(_bad_path(o), repair=False)}
+    )
     todo = [r for r in mine if r.id not in done]
     summary: dict[str, Any] = {
         "out": str(path), "bad_file": str(bad_path), "shard": f"{shard[0]}/{shard[1]}",
         "videos": len(mine), "already_done": len(mine) - len(todo), "captioned": 0, "bad": 0, "no_caption": 0,
     }  # fmt: skip
-    current = {"model": caption_cfg.model, "prompt": caption_cfg.prompt, "generation": caption_cfg.generation(), "keyframe": asdict(keyframe_cfg)}
+    current = {
+        "model": caption_cfg.model,
+        "prompt": caption_cfg.prompt,
+        "generation": caption_cfg.generation(),
+        "keyframe": asdict(keyframe_cfg),
+    }
     for line in list(done_lines.values())[:1]:
         if _settings(line) != _settings(current):
             theirs, ours = _settings(line), _settings(current)
@@ -255,7 +275,11 @@ def augment(
         return summary
     captioner = captioner or LlavaCaptioner(caption_cfg)
     cfg = captioner.cfg
-    generation = {**cfg.generation(), "dtype": str(captioner.dtype).removeprefix("torch."), "device": str(captioner.device)}
+    generation = {
+        **cfg.generation(),
+        "dtype": str(captioner.dtype).removeprefix("torch."),
+        "device": str(captioner.device),
+    }
     header = {"model": cfg.model, "prompt": cfg.prompt, "generation": generation, "keyframe": asdict(keyframe_cfg)}
     prepared = map_in_workers(PrepareCaptionInput(keyframe_cfg, cfg.multi_frame), todo, workers)
     bar = tqdm(total=len(todo), desc=f"augment {path.name}", unit="video", disable=not progress)
@@ -322,7 +346,9 @@ def merge(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str])
                     obj = json.loads(text)
                     video_id = obj["video_id"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{source}:{line_no}: not a caption line ({exc}); is the shard finished?") from None
+                    raise ValueError(
+                        f"{source}:{line_no}: not a caption line ({exc}); is the shard finished?"
+                    ) from None
                 if video_id in target:
                     duplicates += 1
                     continue
@@ -334,7 +360,13 @@ def merge(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str])
         write_jsonl(_bad_path(out), still_bad)
     else:
         _bad_path(out).unlink(missing_ok=True)  # a stale sidecar would make a resume skip those videos
-    return {"out": str(out), "shards": len(shards), "videos": len(lines), "bad": len(set(bad) - set(lines)), "duplicates": duplicates}
+    return {
+        "out": str(out),
+        "shards": len(shards),
+        "videos": len(lines),
+        "bad": len(set(bad) - set(lines)),
+        "duplicates": duplicates,
+    }
 
 
 def find_shards(out: Path) -> list[Path]:

@@ -22,7 +22,7 @@ pass decodes just the chosen frames at display size with :func:`mama.data.video.
 
 Known properties of the authors' measure, kept on purpose: a cut to a darker scene brightens few
 pixels and may be missed; any 1-level flicker counts, so sensor noise or compression flicker that
-reaches 10% of a cut's count turns into peaks at threshold 0.1 (method.md's value; the authors'
+reaches 10% of a cut's count turns into peaks at threshold 0.1 (the authors' demo value; the authors'
 ``demo_lvlm.py`` passes 0.6, their detector's CLI defaults to 0.3); and frame 0's placeholder 0 pulls
 the baseline down at the start of short noisy clips, which can make frame 1 a peak.
 

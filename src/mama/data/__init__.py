@@ -10,13 +10,13 @@ from mama.data.video import VideoDecodeError, VideoInfo, count_frames, decode_fr
 
 __all__ = [
     "Caption",
-    "VideoRecord",
-    "read_jsonl",
-    "write_jsonl",
     "VideoDecodeError",
     "VideoInfo",
-    "probe_video",
+    "VideoRecord",
     "count_frames",
     "decode_frames",
+    "probe_video",
+    "read_jsonl",
+    "write_jsonl",
     "write_video",
 ]

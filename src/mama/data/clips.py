@@ -45,7 +45,9 @@ CACHE_VERSION = 2
 MAX_SUBSTITUTIONS = 32
 
 
-def frames_to_model_input(frames: Tensor, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD) -> Tensor:
+def frames_to_model_input(
+    frames: Tensor, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD
+) -> Tensor:
     """uint8 (B, T, H, W, 3) -> float32 (B, T, 3, H, W), normalised per channel."""
     return normalize(frames, mean, std)
 
@@ -126,7 +128,9 @@ class StreamedFrames:
 
     def select(self, rows: Tensor) -> StreamedFrames:
         keep = rows.tolist()
-        return StreamedFrames([self.paths[i] for i in keep], [self.lengths[i] for i in keep], self.num_slots, self.frame_size)
+        return StreamedFrames(
+            [self.paths[i] for i in keep], [self.lengths[i] for i in keep], self.num_slots, self.frame_size
+        )
 
 
 FrameSource = CachedFrames | StreamedFrames
@@ -189,7 +193,12 @@ class ClipSet:
         self.note_failures({video: message})
 
     def batch(
-        self, video_index: Tensor, caption_index: Tensor, frame_index: Tensor, rows: range | None = None, substitute: bool = True
+        self,
+        video_index: Tensor,
+        caption_index: Tensor,
+        frame_index: Tensor,
+        rows: range | None = None,
+        substitute: bool = True,
     ) -> dict[str, Any]:
         """Assemble a batch. video_index (B,), caption_index (B,), frame_index (B, T) slots; ``rows`` keeps
         only those rows (this rank's share), so the others are never decoded.
@@ -199,7 +208,9 @@ class ClipSet:
         A row whose video fails to decode is replaced by another good video not in the batch, with
         its caption at the same pool position (``substitute``), or kept with blank frames."""
         if rows is not None:
-            video_index, caption_index, frame_index = (t[rows.start : rows.stop] for t in (video_index, caption_index, frame_index))
+            video_index, caption_index, frame_index = (
+                t[rows.start : rows.stop] for t in (video_index, caption_index, frame_index)
+            )
         video_index, caption_index = video_index.clone(), caption_index.clone()
         clips, failed = self.source.clips(video_index, frame_index)
         failures: dict[int, str] = {}
@@ -292,7 +303,9 @@ class ClipSet:
         batch = self.batch(video_index, self.pool_start[video_index], frame_index, substitute=False)
         return {"frames": batch["frames"], "failed": batch["failed"]}
 
-    def eval_video_batches(self, batch_size: int, num_frames: int, videos: range | None = None, workers: int = 0) -> Any:
+    def eval_video_batches(
+        self, batch_size: int, num_frames: int, videos: range | None = None, workers: int = 0
+    ) -> Any:
         """Yield model inputs (B, T, 3, H, W) of every video (or those in ``videos``) in order."""
         videos = range(len(self)) if videos is None else videos
         starts = list(range(videos.start, videos.stop, batch_size))
@@ -332,7 +345,12 @@ def map_in_workers(fn: Callable[[Any], Any], items: Sequence[Any], workers: int)
         yield from map(fn, items)
         return
     loader = torch.utils.data.DataLoader(
-        _MapDataset(fn, items), batch_size=None, shuffle=False, num_workers=workers, worker_init_fn=_one_thread, prefetch_factor=2
+        _MapDataset(fn, items),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        worker_init_fn=_one_thread,
+        prefetch_factor=2,
     )
     yield from loader
 
@@ -359,7 +377,9 @@ def _probe_all(records: list[VideoRecord], desc: str, progress: bool) -> tuple[l
     return kept, lengths, skipped
 
 
-def _decode_all(records: list[VideoRecord], frame_size: int, cached_frames: int, desc: str, progress: bool) -> tuple[list[int], list[Tensor], list[str]]:
+def _decode_all(
+    records: list[VideoRecord], frame_size: int, cached_frames: int, desc: str, progress: bool
+) -> tuple[list[int], list[Tensor], list[str]]:
     kept, clips, skipped = [], [], []
     for i, record in enumerate(tqdm(records, desc=desc, unit="video", disable=not progress, leave=False)):
         try:
@@ -376,7 +396,9 @@ def _decode_all(records: list[VideoRecord], frame_size: int, cached_frames: int,
     return kept, clips, skipped
 
 
-def _cache_key(name: str, records: list[VideoRecord], frame_size: int, cached_frames: int, annotation: Path | None) -> tuple[str, str]:
+def _cache_key(
+    name: str, records: list[VideoRecord], frame_size: int, cached_frames: int, annotation: Path | None
+) -> tuple[str, str]:
     """(key stored in the cache, short hash for its file name): the split's videos, in order, with their
     file identities where they exist, the frame size and count."""
     digest = hashlib.blake2b(digest_size=16)
@@ -389,13 +411,27 @@ def _cache_key(name: str, records: list[VideoRecord], frame_size: int, cached_fr
             identity = "missing"
         digest.update(f"{record.id}\0{record.video}\0{identity}\0".encode())
     ids = digest.hexdigest()
-    key = json.dumps([CACHE_VERSION, name, ids, _file_key(annotation) if annotation and annotation.exists() else "", frame_size, cached_frames])
+    key = json.dumps(
+        [
+            CACHE_VERSION,
+            name,
+            ids,
+            _file_key(annotation) if annotation and annotation.exists() else "",
+            frame_size,
+            cached_frames,
+        ]
+    )
     return key, hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
 
 
 def load_frames(
-    cache_dir: Path, name: str, records: list[VideoRecord], frame_size: int, cached_frames: int,
-    progress: bool = True, annotation: Path | None = None,
+    cache_dir: Path,
+    name: str,
+    records: list[VideoRecord],
+    frame_size: int,
+    cached_frames: int,
+    progress: bool = True,
+    annotation: Path | None = None,
 ) -> tuple[list[int], Tensor, list[str]]:
     """Decode (or load from cache) ``cached_frames`` frames of every record at ``frame_size``.
 
@@ -480,7 +516,9 @@ def load_clipset(
         record = records[index]
         pool = [c for c in record.captions if c.source in caption_sources]
         if not pool:
-            warnings.warn(f"{name}: video {record.id} has no caption from sources {list(caption_sources)}; skipped", stacklevel=2)
+            warnings.warn(
+                f"{name}: video {record.id} has no caption from sources {list(caption_sources)}; skipped", stacklevel=2
+            )
             skipped.append(f"{record.video}: no caption from {list(caption_sources)}")
             continue
         starts.append(len(texts))

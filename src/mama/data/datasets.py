@@ -528,7 +528,7 @@ def read_lsmdc(annotations: Path, videos: Path | None) -> list[VideoRecord]:
                 cells = line.rstrip("\r\n").split("\t")
                 if len(cells) != len(_LSMDC_COLUMNS):
                     raise ValueError(f"expected {len(_LSMDC_COLUMNS)} tab-separated columns, got {len(cells)}")
-                row = dict(zip(_LSMDC_COLUMNS, cells))
+                row = dict(zip(_LSMDC_COLUMNS, cells, strict=True))
                 times = {key: row[key] for key in _LSMDC_COLUMNS[1:5]}
                 builder.add(row["clip_id"], [row["sentence"]], where, times)
     return builder.build(annotations, video_index_for(annotations, videos))

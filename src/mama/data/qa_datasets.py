@@ -251,7 +251,7 @@ _TGIF_MC_TASKS = {"action": "ACTION", "transition": "TRANS"}  # task -> its vid_
 
 
 def _tgif_mc_task(annotations: Path, vid_id: str) -> str:
-    """"action" or "transition": by the file name (``*_action_question.csv``), else the vid_id prefix."""
+    """ "action" or "transition": by the file name (``*_action_question.csv``), else the vid_id prefix."""
     name = annotations.name.lower()
     by_name = [task for task in _TGIF_MC_TASKS if task in name]
     if len(by_name) == 1:
@@ -472,7 +472,7 @@ def read_causal_vidqa(annotations: Path, videos: Path | None) -> list[QARecord]:
                 raise FileNotFoundError(f"{annotations}: video {video!r} (entry {line_no}) has no {path}")
             texts[name] = load_json(path)
         text, answer = texts["text.json"], texts["answer.json"]
-        for number, ((group, part), qtype) in enumerate(zip(_CAUSAL_PARTS, CAUSAL_VIDQA_QTYPES)):
+        for number, ((group, part), qtype) in enumerate(zip(_CAUSAL_PARTS, CAUSAL_VIDQA_QTYPES, strict=True)):
             with located_errors(qa_folder / video / "text.json", f"{group}.{part}"):
                 entry = typed_field(text, group, dict)
                 candidates = typed_field(entry, part, list)

@@ -125,9 +125,7 @@ class QARecord:
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.candidates):
             raise ValueError(f"answer_index must be an index into the {len(self.candidates)} candidates, got {index!r}")
         if self.answer != self.candidates[index]:
-            raise ValueError(
-                f"answer {self.answer!r} is not candidate {index} ({self.candidates[index]!r})"
-            )
+            raise ValueError(f"answer {self.answer!r} is not candidate {index} ({self.candidates[index]!r})")
 
     def to_dict(self, root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """JSON-ready form, read back by :func:`read_qa_jsonl`; ``video`` relative to ``root`` when given."""

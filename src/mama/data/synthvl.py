@@ -46,24 +46,24 @@ from mama.data.records import write_jsonl
 from mama.data.video import write_video
 
 __all__ = [
-    "FORMAT_VERSION",
-    "SPLITS",
-    "SHAPES",
-    "COLOURS",
-    "SIZES",
-    "MOTIONS",
     "BACKGROUNDS",
+    "COLOURS",
     "CONCEPTS",
+    "FORMAT_VERSION",
+    "MOTIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
     "SynthConfig",
     "concept_table",
-    "render_clip",
-    "human_caption",
-    "lvlm_caption",
-    "vague_caption",
-    "parse_caption",
-    "make_records",
     "generate",
+    "human_caption",
     "is_complete",
+    "lvlm_caption",
+    "make_records",
+    "parse_caption",
+    "render_clip",
+    "vague_caption",
 ]
 
 FORMAT_VERSION = 1
@@ -478,9 +478,7 @@ def parse_caption(text: str) -> dict[str, str | None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_video_spec(
-    attributes: dict[str, str], rng: np.random.Generator, cfg: SynthConfig
-) -> dict[str, Any]:
+def _make_video_spec(attributes: dict[str, str], rng: np.random.Generator, cfg: SynthConfig) -> dict[str, Any]:
     """Everything a worker needs to render one clip; drawn here so results do not depend on scheduling."""
     return {
         "attributes": attributes,

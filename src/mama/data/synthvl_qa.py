@@ -90,7 +90,9 @@ def _balance(questions: list[dict[str, Any]], rng: np.random.Generator) -> list[
     return sorted(kept, key=lambda q: q["id"])
 
 
-def make_questions(records: list[dict[str, Any]], split: str, seed: int = 0, noise_rate: float = 0.3) -> list[dict[str, Any]]:
+def make_questions(
+    records: list[dict[str, Any]], split: str, seed: int = 0, noise_rate: float = 0.3
+) -> list[dict[str, Any]]:
     """Open-ended questions (JSON-ready dicts) about the SynthVL ``records`` of ``split``.
 
     Args:
@@ -146,7 +148,9 @@ def render_count_clip(count: int, num_frames: int, frame_size: int, rng: np.rand
     return np.repeat(frame[None], num_frames, axis=0)
 
 
-def _count_records(root: Path, split: str, num: int, seed: int, num_frames: int, frame_size: int) -> list[dict[str, Any]]:
+def _count_records(
+    root: Path, split: str, num: int, seed: int, num_frames: int, frame_size: int
+) -> list[dict[str, Any]]:
     """Render (once) the count clips of a split and return their records."""
     rng = np.random.default_rng([seed, _SPLIT_SALT[split], 2])
     folder = root / "videos" / "count"
@@ -161,7 +165,13 @@ def _count_records(root: Path, split: str, num: int, seed: int, num_frames: int,
         video = folder / f"{split}_count_{i:05d}.mp4"
         if not video.exists():
             write_video(video, render_count_clip(count, num_frames, frame_size, clip_rng), fps=8)
-        records.append({"id": f"{split}_count_{i:05d}", "video": video.relative_to(root).as_posix(), "attributes": {"count": ANSWERS["count"][count - 1]}})
+        records.append(
+            {
+                "id": f"{split}_count_{i:05d}",
+                "video": video.relative_to(root).as_posix(),
+                "attributes": {"count": ANSWERS["count"][count - 1]},
+            }
+        )
     return records
 
 

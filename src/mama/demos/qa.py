@@ -17,7 +17,19 @@ VARIANTS = {"plain": ["meta.enabled=false"], "meta": ["meta.enabled=true"]}
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "synthvl_qa.yaml"
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=150", "train.log_every=50"]
-KEYS = ("accuracy", "acc_colour", "acc_shape", "acc_motion", "acc_size", "acc_background", "acc_count", "acc_rare_answers", "acc_head", "acc_mid", "acc_tail")
+KEYS = (
+    "accuracy",
+    "acc_colour",
+    "acc_shape",
+    "acc_motion",
+    "acc_size",
+    "acc_background",
+    "acc_count",
+    "acc_rare_answers",
+    "acc_head",
+    "acc_mid",
+    "acc_tail",
+)
 
 
 def run_qa_demo(
@@ -41,7 +53,16 @@ def run_qa_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def config(variant: str, seed: int) -> Any:
-        return load_config(base, [*extra, *VARIANTS[variant], f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}", "train.overwrite=true"])
+        return load_config(
+            base,
+            [
+                *extra,
+                *VARIANTS[variant],
+                f"train.seed={seed}",
+                f"train.out_dir={out_dir / f'{variant}_seed{seed}'}",
+                "train.overwrite=true",
+            ],
+        )
 
     data = load_qa_data(config("meta", seeds[0]), progress=progress)  # decoded once, shared by every run
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
@@ -54,7 +75,11 @@ def run_qa_demo(
             runs[variant].append({**result.metrics, "wall_s": result.wall_s})
             baseline = result.metrics["majority_baseline"]
     summary = {
-        variant: {key: statistics.fmean(r[key] for r in rs if key in r) for key in (*KEYS, "wall_s") if any(key in r for r in rs)}
+        variant: {
+            key: statistics.fmean(r[key] for r in rs if key in r)
+            for key in (*KEYS, "wall_s")
+            if any(key in r for r in rs)
+        }
         for variant, rs in runs.items()
     }
     results = {"seeds": seeds, "majority_baseline": baseline, "variants": summary, "runs": runs}
@@ -67,11 +92,13 @@ def _print_table(results: dict[str, Any]) -> None:
     columns = [k for k in KEYS if all(k in v for v in results["variants"].values())]
     names = [c.removeprefix("acc_") for c in columns]
     widths = [max(11, len(n) + 2) for n in names]
-    print(f"{'variant':8}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"{'wall s':>9}")
+    print(f"{'variant':8}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True)) + f"{'wall s':>9}")
     for variant, values in results["variants"].items():
-        cells = "".join(f"{values[c]:>{w}.1f}" for c, w in zip(columns, widths))
+        cells = "".join(f"{values[c]:>{w}.1f}" for c, w in zip(columns, widths, strict=True))
         print(f"{variant:8}" + cells + f"{values.get('wall_s', float('nan')):>9.0f}")
-    print(f"top-1 accuracy in % on the balanced test split (every question counts; out-of-vocabulary answers are wrong); "
-          f"majority-answer baseline {results['majority_baseline']:.1f}%; rare_answers = questions whose answer is in "
-          f"the least frequent third of its type's training answers; head/mid/tail = questions about videos of "
-          f"frequent/middle/rare concepts; mean over seeds {results['seeds']}")
+    print(
+        f"top-1 accuracy in % on the balanced test split (every question counts; out-of-vocabulary answers are wrong); "
+        f"majority-answer baseline {results['majority_baseline']:.1f}%; rare_answers = questions whose answer is in "
+        f"the least frequent third of its type's training answers; head/mid/tail = questions about videos of "
+        f"frequent/middle/rare concepts; mean over seeds {results['seeds']}"
+    )

@@ -19,10 +19,23 @@ from mama.tasks import load_run, train
 from mama.tasks.retrieval import load_data
 from mama.training.trainer import TrainResult
 
-METRIC_KEYS = (
-    "t2v_r1 t2v_r5 t2v_r10 t2v_mdr t2v_mnr v2t_r1 v2t_r5 v2t_r10 v2t_mdr v2t_mnr "
-    "head_t2v_r1 mid_t2v_r1 tail_t2v_r1 wall_s step_ms"
-).split()
+METRIC_KEYS = [
+    "t2v_r1",
+    "t2v_r5",
+    "t2v_r10",
+    "t2v_mdr",
+    "t2v_mnr",
+    "v2t_r1",
+    "v2t_r5",
+    "v2t_r10",
+    "v2t_mdr",
+    "v2t_mnr",
+    "head_t2v_r1",
+    "mid_t2v_r1",
+    "tail_t2v_r1",
+    "wall_s",
+    "step_ms",
+]
 
 VARIANT_NAMES = ("infonce", "margin", "mama")
 
@@ -34,12 +47,20 @@ def variant_overrides(variant: str, margin: float) -> list[str]:
         "margin": [f"loss.margin={margin}", "meta.enabled=false"],
         "mama": [f"loss.margin={margin}", "meta.enabled=true", "train.log_weights_every=50"],
     }[variant]
+
+
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=120", "train.log_every=20"]
 
 
 def variant_config(
-    base_path: str | Path | None, variant: str, seed: int, out_dir: Path, overrides: list[str], quick: bool, margin: float
+    base_path: str | Path | None,
+    variant: str,
+    seed: int,
+    out_dir: Path,
+    overrides: list[str],
+    quick: bool,
+    margin: float,
 ) -> Config:
     extra = (QUICK if quick else []) + overrides + variant_overrides(variant, margin)
     extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}", "train.overwrite=true"]
@@ -212,7 +233,9 @@ def run_demo(
     tmp.replace(out_dir / "results.json")
     print(format_table(variants, chance))
     for seed, weights in zip(seeds, weight_by_noise, strict=True):
-        print(f"MAMA mean weight by caption kind (seed {seed}, 2nd half of training, 1.0 = uniform): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()))
+        print(
+            f"MAMA mean weight by caption kind (seed {seed}, 2nd half of training, 1.0 = uniform): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in weights.items())
+        )
     print(f"results: {out_dir / 'results.json'}; plots: {out_dir / 'weight_curve.png'}, {out_dir / 'buckets.png'}")
     return results

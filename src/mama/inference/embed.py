@@ -86,7 +86,9 @@ class Encoder:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], device: str = "cpu", num_frames: int | None = None) -> Encoder:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], device: str = "cpu", num_frames: int | None = None
+    ) -> Encoder:
         """Load from a folder written by ``save_pretrained``/``mama export``, a run folder or a checkpoint.
 
         ``num_frames``: frames per video (default: what the model was trained with).
@@ -104,7 +106,12 @@ class Encoder:
 
             trained = load_run(path)
             cfg = trained.cfg
-            model_cfg, model, tokenizer, trained_frames = cfg.model, trained.encoder, trained.task.tokenizer, cfg.data.num_frames
+            model_cfg, model, tokenizer, trained_frames = (
+                cfg.model,
+                trained.encoder,
+                trained.task.tokenizer,
+                cfg.data.num_frames,
+            )
             slots = cfg.data.cached_frames or 2 * cfg.data.num_frames
         frames = num_frames or trained_frames
         model.eval().to(device)
@@ -143,7 +150,9 @@ class Encoder:
             pending.clear()
 
         results = map_in_workers(reader, [Path(p) for p in paths], workers)
-        for i, (clip, error) in enumerate(tqdm(results, total=len(paths), desc="embed videos", unit="video", disable=not progress)):
+        for i, (clip, error) in enumerate(
+            tqdm(results, total=len(paths), desc="embed videos", unit="video", disable=not progress)
+        ):
             if clip is None:
                 warnings.warn(f"skipping video {error}", stacklevel=2)
                 failed.append(error)
@@ -184,7 +193,12 @@ def build_index(
     out = Path(out_dir)
     parts_dir = out / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    job = {"model": encoder.source, "num_frames": encoder.num_frames, "videos": [[i, str(p)] for i, p in videos], "part_size": part_size}
+    job = {
+        "model": encoder.source,
+        "num_frames": encoder.num_frames,
+        "videos": [[i, str(p)] for i, p in videos],
+        "part_size": part_size,
+    }
     job_file = parts_dir / "job.json"
     if job_file.exists() and json.loads(job_file.read_text()) != job:
         shutil.rmtree(parts_dir)  # a different job: its parts do not belong to this index
@@ -219,7 +233,9 @@ def build_index(
     }
     if texts:
         text_emb = encoder.encode_texts([t for _, t in texts])
-        _write_atomic(out / "texts.safetensors", {"embeddings": text_emb}, [{"video_id": v, "text": t} for v, t in texts])
+        _write_atomic(
+            out / "texts.safetensors", {"embeddings": text_emb}, [{"video_id": v, "text": t} for v, t in texts]
+        )
         info["num_texts"] = len(texts)
     (out / "failed.txt").write_text("".join(f"{line}\n" for line in failed))
     (out / "index.json").write_text(json.dumps(info, indent=2))
@@ -249,11 +265,16 @@ def search(
     encoder = encoder or Encoder.from_pretrained(info["model"], num_frames=info["num_frames"])
     query_emb = encoder.encode_texts(list(queries))
     if query_emb.shape[1] != video_emb.shape[1]:
-        raise ValueError(f"query embeddings have width {query_emb.shape[1]}, the index {video_emb.shape[1]}: another model?")
+        raise ValueError(
+            f"query embeddings have width {query_emb.shape[1]}, the index {video_emb.shape[1]}: another model?"
+        )
     scores = query_emb @ video_emb.T  # (Q, N)
     top = scores.topk(min(top_k, len(rows)), dim=1)
     return [
-        [{"rank": r + 1, **rows[i], "score": round(float(s), 6)} for r, (s, i) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True))]
+        [
+            {"rank": r + 1, **rows[i], "score": round(float(s), 6)}
+            for r, (s, i) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True))
+        ]
         for vals, idx in zip(top.values, top.indices, strict=True)
     ]
 
@@ -292,5 +313,8 @@ def export_pretrained(checkpoint: Path, out: Path) -> Path:
     trained = load_run(checkpoint)
     cfg = trained.cfg
     slots = cfg.data.cached_frames or 2 * cfg.data.num_frames
-    extra = {"data": {"num_frames": cfg.data.num_frames, "num_slots": slots, "frame_size": cfg.data.frame_size}, "task": cfg.task}
+    extra = {
+        "data": {"num_frames": cfg.data.num_frames, "num_slots": slots, "frame_size": cfg.data.frame_size},
+        "task": cfg.task,
+    }
     return save_pretrained(out, cfg.model, trained.encoder, trained.task.tokenizer, extra=extra)

@@ -90,9 +90,7 @@ def _dsl_scores(sim: Tensor, column_lse: Tensor, temperature: float) -> Tensor:
     return _round_significand_(sim64)
 
 
-def _dsl_normalisers(
-    text_emb: Tensor, video_emb: Tensor, chunk_size: int, temperature: float
-) -> tuple[Tensor, Tensor]:
+def _dsl_normalisers(text_emb: Tensor, video_emb: Tensor, chunk_size: int, temperature: float) -> tuple[Tensor, Tensor]:
     """Log-sum-exp of ``T · S`` over the query axis for both directions, in one pass over caption rows.
 
     Returns ``(video_lse, caption_lse)``: ``(V,)`` float64 logsumexp over all captions of each video's
@@ -314,7 +312,7 @@ def bucket_recall(t2v_ranks: Tensor, query_buckets: Sequence[str], k: int = 1) -
         raise ValueError(f"k must be >= 1, got {k}")
     hits = (t2v_ranks.cpu() <= k).tolist()
     hit_counts: dict[str, list[int]] = {}  # label -> [hits, queries]
-    for label, hit in zip(query_buckets, hits):
+    for label, hit in zip(query_buckets, hits, strict=True):
         counts = hit_counts.setdefault(label, [0, 0])
         counts[0] += int(hit)
         counts[1] += 1

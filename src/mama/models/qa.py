@@ -8,7 +8,7 @@ Video is always (B, T, C, H, W), float, normalised as the encoder expects. The e
 Both token sequences are projected to ``fusion_width``, tagged with a type embedding (video / text), and
 a learned [CLS] is prepended; a joint transformer (the encoders' own pre-LN ``Block``) runs over the
 concatenation with padded text keys masked out, and the [CLS] state answers the question - the
-counterpart of VIOLET's answer prediction at a [MASK] token (method.md section 4):
+counterpart of VIOLET's answer prediction at a [MASK] token (as in the authors' VIOLETv2-based QA code):
 
 - open-ended (``answer_format="open"``): an MLP head classifies the [CLS] state over the K most frequent
   training answers (:class:`mama.metrics.qa.AnswerVocab`);
@@ -24,8 +24,6 @@ The model never computes losses (see :class:`mama.tasks.qa.module.QAModule`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +52,14 @@ class VideoQAModel(nn.Module):
             raise ValueError(f"fusion_layers must be >= 1, got {cfg.fusion_layers}")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-        for attr in ("video_tokens", "text_tokens", "pool_video_tokens", "encode_text", "video_token_dim", "text_token_dim"):
+        for attr in (
+            "video_tokens",
+            "text_tokens",
+            "pool_video_tokens",
+            "encode_text",
+            "video_token_dim",
+            "text_token_dim",
+        ):
             if not hasattr(encoder, attr):
                 raise TypeError(f"{type(encoder).__name__} has no {attr!r}: it cannot feed a QA fusion model")
         self.cfg = cfg

@@ -1,8 +1,8 @@
 """Tasks on top of the training engine: text-video retrieval and video question answering.
 
-    task = create_task(cfg)                # by cfg.task
-    result = train(cfg)                    # the engine on that task (torchrun: every process)
-    run = load_run("runs/x")               # a trained run: config, task, module with weights
+task = create_task(cfg)                # by cfg.task
+result = train(cfg)                    # the engine on that task (torchrun: every process)
+run = load_run("runs/x")               # a trained run: config, task, module with weights
 """
 
 from __future__ import annotations

@@ -93,8 +93,7 @@ class JsonlLogger:
 
 
 _TENSORBOARD_MISSING = (
-    "train.loggers includes 'tensorboard' but the tensorboard package is not installed: "
-    "pip install 'mama[tensorboard]'"
+    "train.loggers includes 'tensorboard' but the tensorboard package is not installed: pip install 'mama[tensorboard]'"
 )
 
 # SummaryWriter's default is 120 s; a shorter interval keeps a live TensorBoard close to the run

@@ -37,12 +37,18 @@ def build_optimizer(
         groups.setdefault((is_backbone, no_decay), []).append(p)
     optimizer = torch.optim.AdamW(
         [
-            {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr": backbone_lr if is_backbone else cfg.lr}
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                "lr": backbone_lr if is_backbone else cfg.lr,
+            }
             for (is_backbone, no_decay), params in sorted(groups.items())
         ],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, cfg.warmup_frac, cfg.schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total_steps, cfg.warmup_frac, cfg.schedule)
+    )
     return optimizer, scheduler

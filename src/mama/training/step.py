@@ -1,7 +1,7 @@
 """The meta-weighted training step, written once for every task (and the benchmarks).
 
     1. per-sample losses of this rank's rows (one forward, shared by the meta step and the update)
-    2. sample weights: uniform, or from the weighting net after its meta update (method.md section 2)
+    2. sample weights: uniform, or from the weighting net after its meta update (Meta-Weight-Net's bilevel step; README "Method notes")
     3. the real update on the weighted loss, with gradient scaling, clipping and the schedule
 
 Under DDP ``step_module`` is the wrapper and ``state.module`` the module inside it: the real update
@@ -12,7 +12,7 @@ not fire DDP's reduction hooks; its meta-batch forward and the first-order probe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,9 @@ class StepOutput:
 
 def split_batch(batch: Mapping[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
     """(n, ...) tensors -> ``parts`` micro-batches of n / parts rows, in order."""
-    return [dict(zip(batch, values, strict=True)) for values in zip(*(v.chunk(parts) for v in batch.values()), strict=True)]
+    return [
+        dict(zip(batch, values, strict=True)) for values in zip(*(v.chunk(parts) for v in batch.values()), strict=True)
+    ]
 
 
 def micro_rows(rows: int, parts: int) -> list[slice]:
@@ -114,7 +116,9 @@ def _losses_and_weights(
     return _Losses(losses, weights.detach(), meta_loss, cache, micro)
 
 
-def _weighted_update(state: TrainState, result: _Losses, settings: StepSettings, step_module: nn.Module, exact: bool) -> Tensor | None:
+def _weighted_update(
+    state: TrainState, result: _Losses, settings: StepSettings, step_module: nn.Module, exact: bool
+) -> Tensor | None:
     """The real update. Each rank's loss is its share of the global weighted sum; DDP averages gradients
     over ranks, hence the factor world size."""
     module, scaler, world, weights = state.module, state.scaler, settings.world_size, result.weights
@@ -139,5 +143,3 @@ def _weighted_update(state: TrainState, result: _Losses, settings: StepSettings,
     state.scheduler.step()
     module.after_optimizer_step()  # type: ignore[operator]
     return grad_norm
-
-

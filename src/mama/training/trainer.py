@@ -101,7 +101,9 @@ class Trainer:
             self.load_checkpoint(latest)
         keep = self.start_step if resume else None
         self.loggers = build_loggers(tc.loggers, self.out_dir, keep, enabled=self.main)
-        self.weight_log = JsonlLogger(self.out_dir / "weights.jsonl", keep, enabled=self.main) if tc.log_weights_every else None
+        self.weight_log = (
+            JsonlLogger(self.out_dir / "weights.jsonl", keep, enabled=self.main) if tc.log_weights_every else None
+        )
 
     def _prepare_run_dir(self, resume: bool) -> None:
         checkpoints = self.out_dir / "checkpoints"
@@ -173,7 +175,9 @@ class Trainer:
         end_step = tc.steps if max_steps is None else min(tc.steps, self.start_step + max_steps)
         rows = shard_range(tc.batch_size, rank, world)
         meta_rows = shard_range(self.cfg.meta.batch_size, rank, world)
-        batches = map_in_workers(self.task.step_batches(rows, meta_rows), range(self.start_step, end_step), self.cfg.data.workers)
+        batches = map_in_workers(
+            self.task.step_batches(rows, meta_rows), range(self.start_step, end_step), self.cfg.data.workers
+        )
         bar = tqdm(
             range(self.start_step, end_step), desc=self.out_dir.name, unit="step",
             disable=not (tc.progress and self.main), initial=self.start_step, total=tc.steps,
@@ -192,7 +196,9 @@ class Trainer:
         metrics = self._final_evaluation(end_step, wall_s, step_ms)
         return TrainResult(self.out_dir, metrics, wall_s, step_ms, end_step - self.start_step, self.history)
 
-    def train_step(self, step: int, batch: dict[str, Any], meta_batch: dict[str, Any] | None) -> tuple[StepOutput, Tensor]:
+    def train_step(
+        self, step: int, batch: dict[str, Any], meta_batch: dict[str, Any] | None
+    ) -> tuple[StepOutput, Tensor]:
         """One optimiser step on this rank's rows; returns its output and the rows' sample ids."""
         module, meta, device = self.state.module, self.state.meta, self.ctx.device
         module.train()
@@ -218,7 +224,12 @@ class Trainer:
             record = self._log_record(done, out, weights, ids)
         if self.weight_log is not None and done % tc.log_weights_every == 0:
             self.weight_log.log(
-                {"step": done, **self.task.weight_record(ids), "loss": [round(v, 5) for v in losses.tolist()], "weight": [round(v, 6) for v in weights.tolist()]}
+                {
+                    "step": done,
+                    **self.task.weight_record(ids),
+                    "loss": [round(v, 5) for v in losses.tolist()],
+                    "weight": [round(v, 6) for v in weights.tolist()],
+                }
             )
         if done % self.task.steps_per_epoch(tc.batch_size) == 0:
             # Epoch summary: which videos could not be used so far (load time and mid-run, every rank).

@@ -52,7 +52,12 @@ class QASplit:
         return len(self.records)
 
     def batch(
-        self, index: Tensor, frame_index: Tensor, captions: bool, generator: torch.Generator | None = None, rows: range | None = None
+        self,
+        index: Tensor,
+        frame_index: Tensor,
+        captions: bool,
+        generator: torch.Generator | None = None,
+        rows: range | None = None,
     ) -> dict[str, Any]:
         """Model batch of questions ``index`` (B,) with frame slots (B, T); uint8 frames under ``frames``,
         the questions' positions under ``question_index`` and decode failures under ``failed``.
@@ -64,7 +69,9 @@ class QASplit:
         if generator is not None:
             pick = (torch.rand(len(video_row), generator=generator) * self.clips.pool_size[video_row]).long()
         if rows is not None:
-            index, video_row, pick, frame_index = (t[rows.start : rows.stop] for t in (index, video_row, pick, frame_index))
+            index, video_row, pick, frame_index = (
+                t[rows.start : rows.stop] for t in (index, video_row, pick, frame_index)
+            )
         assembled = self.clips.batch(video_row, self.clips.pool_start[video_row] + pick, frame_index, substitute=False)
         batch = {
             "frames": assembled["frames"],
@@ -77,7 +84,11 @@ class QASplit:
         if self.candidate_mask is not None:
             batch["candidate_mask"] = self.candidate_mask[index]
         if captions:
-            batch.update(caption_ids=assembled["input_ids"], caption_mask=assembled["attention_mask"], has_caption=self.has_caption[video_row])
+            batch.update(
+                caption_ids=assembled["input_ids"],
+                caption_mask=assembled["attention_mask"],
+                has_caption=self.has_caption[video_row],
+            )
         return batch
 
 
@@ -108,7 +119,11 @@ def _caption_pools(cfg: Config, root: Path) -> dict[str, list[Caption]]:
 
 
 def load_qa_data(
-    cfg: Config, splits: tuple[str, ...] = QA_SPLITS, tokenizer: Any = None, vocab: AnswerVocab | None = None, progress: bool = True
+    cfg: Config,
+    splits: tuple[str, ...] = QA_SPLITS,
+    tokenizer: Any = None,
+    vocab: AnswerVocab | None = None,
+    progress: bool = True,
 ) -> QAData:
     """Read the QA splits, build (or reuse) the tokenizer and answer vocabulary, and open the videos."""
     root = ensure_dataset(cfg.data, progress)
@@ -131,7 +146,9 @@ def load_qa_data(
             kept = [q for q in records if vocab.index(q.answer) >= 0]
             dropped = len(records) - len(kept)
             records = kept
-        loaded[name] = _open_split(cfg, root, name, records, tokenizer, vocab, pools if name == "train" else {}, progress)
+        loaded[name] = _open_split(
+            cfg, root, name, records, tokenizer, vocab, pools if name == "train" else {}, progress
+        )
         loaded[name].dropped_oov = dropped
         lost[name] = len(records) - len(loaded[name])
     return QAData(tokenizer, vocab, loaded, lost)
@@ -164,7 +181,9 @@ def _open_split(
     videos_of: dict[str, Path] = {}
     for q in records:
         videos_of.setdefault(q.video_id, q.video)
-    video_records = [VideoRecord(vid, path, pools.get(vid) or [Caption(NO_CAPTION, "human")]) for vid, path in videos_of.items()]
+    video_records = [
+        VideoRecord(vid, path, pools.get(vid) or [Caption(NO_CAPTION, "human")]) for vid, path in videos_of.items()
+    ]
     spec = get_spec(cfg.model.name)
     clips = load_clipset(
         f"qa_{name}", video_records, tokenizer, cfg.data.frame_size, cfg.data.cached_frames or 2 * cfg.data.num_frames,
@@ -176,7 +195,9 @@ def _open_split(
     usable = [q for q in records if q.video_id in row_of]
     if len(usable) != len(records) and name != "train":
         # An evaluation question whose video cannot be decoded still counts: as wrong.
-        warnings.warn(f"qa_{name}: {len(records) - len(usable)} question(s) lost their video; they count as wrong", stacklevel=2)
+        warnings.warn(
+            f"qa_{name}: {len(records) - len(usable)} question(s) lost their video; they count as wrong", stacklevel=2
+        )
     candidate_mask = None
     if cfg.qa.answer_format == "mc":
         if any(q.kind != "mc" for q in usable):
@@ -217,7 +238,10 @@ def hold_out_questions(records: list[QARecord], count: int, seed: int = 0) -> tu
     groups: dict[tuple[str, str], list[int]] = {}
     for i, q in enumerate(records):
         groups.setdefault((q.qtype, normalize_answer(q.answer)), []).append(i)
-    queues = [[members[j] for j in torch.randperm(len(members), generator=rng).tolist()] for _, members in sorted(groups.items())]
+    queues = [
+        [members[j] for j in torch.randperm(len(members), generator=rng).tolist()]
+        for _, members in sorted(groups.items())
+    ]
     order = torch.randperm(len(queues), generator=rng).tolist()
     chosen: list[int] = []
     while len(chosen) < count and any(queues):

@@ -68,7 +68,9 @@ def majority_baseline(train: QASplit, split: QASplit) -> float:
     for q in train.records:
         by_type.setdefault(q.qtype, Counter())[normalize_answer(q.answer)] += 1
     hits = sum(
-        1 for q in split.records if q.qtype in by_type and by_type[q.qtype].most_common(1)[0][0] == normalize_answer(q.answer)
+        1
+        for q in split.records
+        if q.qtype in by_type and by_type[q.qtype].most_common(1)[0][0] == normalize_answer(q.answer)
     )
     return 100.0 * hits / max(1, len(split))
 

@@ -6,10 +6,10 @@ as for :class:`mama.tasks.retrieval.module.RetrievalModule`:
     loss_i = CE(answer logits / candidate scores of sample i, its answer)
              + contrastive_weight * contrastive_i        (contrastive_i = 0 for a row without a caption)
 
-where ``contrastive_i`` is the angular margin contrastive loss (method.md section 1) between the video
+where ``contrastive_i`` is the angular margin contrastive loss (:func:`mama.losses.angular_margin_nce`) between the video
 embedding of sample i and the embedding of its (LVLM) caption, with the other captioned rows of the
 (global) batch as negatives. The authors add 0.25 x this term to the meta-weighted answer loss
-(method.md section 3); here it is part of each sample's loss, so the learned weight scales both.
+(in their released QA code); here it is part of each sample's loss, so the learned weight scales both.
 
 Batch keys (video always (B, T, C, H, W) float):
 
@@ -72,7 +72,12 @@ class QAModule(nn.Module):
         """
         parts = self._encode(batch)
         out: dict[str, Tensor] = {"answer_loss": parts.answer_loss, parts.score_key: parts.scores}
-        answer_loss, video_emb, text_emb, has_caption = parts.answer_loss, parts.video_emb, parts.text_emb, parts.has_caption
+        answer_loss, video_emb, text_emb, has_caption = (
+            parts.answer_loss,
+            parts.video_emb,
+            parts.text_emb,
+            parts.has_caption,
+        )
         scale_grad = True
         if cache is not None:
             answer_loss = cache.splice(cache.answer_loss, answer_loss)
@@ -97,10 +102,14 @@ class QAModule(nn.Module):
         video_tokens = encoder.video_tokens(batch["video"])
         answer = batch["answer"]
         if self.model.cfg.answer_format == "open":
-            logits = self.model.open_logits_from_tokens(video_tokens, batch["input_ids"], batch["attention_mask"])  # (B, K)
+            logits = self.model.open_logits_from_tokens(
+                video_tokens, batch["input_ids"], batch["attention_mask"]
+            )  # (B, K)
             key = "logits"
         else:
-            logits = self.model.mc_scores_from_tokens(video_tokens, batch["input_ids"], batch["attention_mask"])  # (B, C)
+            logits = self.model.mc_scores_from_tokens(
+                video_tokens, batch["input_ids"], batch["attention_mask"]
+            )  # (B, C)
             key = "scores"
             if "candidate_mask" in batch:
                 # (B, C) False for padding candidates (questions with fewer candidates than C): never chosen.
@@ -152,7 +161,9 @@ class QAModule(nn.Module):
         text_emb = self.model.encoder.encode_text(caption_ids, caption_mask)  # (B, D)
         return self.contrastive_from_embeddings(video_emb, text_emb, has_caption)
 
-    def contrastive_from_embeddings(self, video_emb: Tensor, text_emb: Tensor, has_caption: Tensor, scale_grad: bool = True) -> Tensor:
+    def contrastive_from_embeddings(
+        self, video_emb: Tensor, text_emb: Tensor, has_caption: Tensor, scale_grad: bool = True
+    ) -> Tensor:
         """(B,) angular margin contrastive loss of (B, D) video against (B, D) caption embeddings.
 
         ``has_caption`` (B,) bool. Only captioned rows enter the loss, as anchors and as negatives (those

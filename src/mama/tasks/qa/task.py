@@ -41,7 +41,9 @@ class QABatches:
     def __call__(self, step: int) -> tuple[Batch, Batch | None]:
         cfg, n, bs = self.cfg, len(self.train_set), self.cfg.train.batch_size
         epoch, position = divmod(step, n // bs)
-        index = torch.randperm(n, generator=seeded_generator(cfg.train.seed, 0, epoch))[position * bs : (position + 1) * bs]
+        index = torch.randperm(n, generator=seeded_generator(cfg.train.seed, 0, epoch))[
+            position * bs : (position + 1) * bs
+        ]
         g = seeded_generator(cfg.train.seed, 1, step)
         frame_index = segment_random_indices(self.train_set.clips.num_slots, cfg.data.num_frames, bs, g)
         batch = self.train_set.batch(index, frame_index, self.captions, g, self.rows)
@@ -49,7 +51,9 @@ class QABatches:
         if self.meta_set is not None and step % cfg.meta.interval == 0:
             mg = seeded_generator(cfg.train.seed, 2, step)
             meta_index = torch.randperm(len(self.meta_set), generator=mg)[: cfg.meta.batch_size]
-            meta_frames = segment_random_indices(self.meta_set.clips.num_slots, cfg.data.num_frames, len(meta_index), mg)
+            meta_frames = segment_random_indices(
+                self.meta_set.clips.num_slots, cfg.data.num_frames, len(meta_index), mg
+            )
             meta_batch = self.meta_set.batch(meta_index, meta_frames, captions=False, rows=self.meta_rows)
         return batch, meta_batch
 
@@ -164,7 +168,14 @@ class VideoQA:
     def evaluate(self, module: nn.Module, split: str) -> dict[str, float]:
         assert isinstance(module, QAModule) and self.vocab is not None
         data = self._data()
-        return evaluate_qa(module, data.splits[split], self.cfg, self.vocab, lost=data.lost.get(split, 0), train=data.splits.get("train"))
+        return evaluate_qa(
+            module,
+            data.splits[split],
+            self.cfg,
+            self.vocab,
+            lost=data.lost.get(split, 0),
+            train=data.splits.get("train"),
+        )
 
     def final_metrics(self, module: nn.Module, split: str) -> dict[str, float]:
         data = self._data()

@@ -6,4 +6,13 @@ from mama.tasks.retrieval.evaluate import encode_clipset, evaluate
 from mama.tasks.retrieval.module import EmbeddingCache, RetrievalModule
 from mama.tasks.retrieval.task import Retrieval, build_retrieval_module
 
-__all__ = ["EmbeddingCache", "Retrieval", "RetrievalModule", "RunData", "build_retrieval_module", "encode_clipset", "evaluate", "load_data"]
+__all__ = [
+    "EmbeddingCache",
+    "Retrieval",
+    "RetrievalModule",
+    "RunData",
+    "build_retrieval_module",
+    "encode_clipset",
+    "evaluate",
+    "load_data",
+]

@@ -75,7 +75,12 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
     if cfg.data.frame_size != cfg.model.frame_size:
         raise ConfigError(f"data.frame_size ({cfg.data.frame_size}) != model.frame_size ({cfg.model.frame_size})")
     root = ensure_dataset(cfg.data, progress)
-    files = {"train": cfg.data.train, "meta": cfg.data.meta or cfg.data.train, "val": cfg.data.val, "test": cfg.data.test}
+    files = {
+        "train": cfg.data.train,
+        "meta": cfg.data.meta or cfg.data.train,
+        "val": cfg.data.val,
+        "test": cfg.data.test,
+    }
     records = read_records(cfg, root, splits)
     if tokenizer is None:
         if "train" not in records:
@@ -89,9 +94,18 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
         # Only training draws on LVLM captions; meta and evaluation sets stay human-written.
         sources = cfg.data.caption_sources if name == "train" else ("human",)
         loaded[name] = load_clipset(
-            name, records[name], tokenizer, cfg.data.frame_size, slots, sources,
-            decode=cfg.data.decode, cache_dir=root / ".cache", annotation=root / files[name],
-            pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std, progress=progress,
+            name,
+            records[name],
+            tokenizer,
+            cfg.data.frame_size,
+            slots,
+            sources,
+            decode=cfg.data.decode,
+            cache_dir=root / ".cache",
+            annotation=root / files[name],
+            pixel_mean=spec.pixel_mean,
+            pixel_std=spec.pixel_std,
+            progress=progress,
         )
     return RunData(tokenizer, loaded)
 

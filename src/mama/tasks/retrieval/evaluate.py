@@ -15,7 +15,12 @@ from mama.tasks.retrieval.module import RetrievalModule
 
 @torch.no_grad()
 def encode_clipset(
-    task: RetrievalModule, clips: ClipSet, num_frames: int, batch_size: int, precision: Precision = "fp32", workers: int = 0
+    task: RetrievalModule,
+    clips: ClipSet,
+    num_frames: int,
+    batch_size: int,
+    precision: Precision = "fp32",
+    workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """All video embeddings (V, D) and all caption embeddings (C, D) of a clip set, in order.
 
@@ -44,7 +49,9 @@ def encode_clipset(
 
 def evaluate(task: RetrievalModule, clips: ClipSet, cfg: Config) -> dict[str, float]:
     """Retrieval metrics of both directions on a clip set, plus t2v R@1 per concept bucket."""
-    video_emb, text_emb = encode_clipset(task, clips, cfg.data.num_frames, cfg.eval.batch_size, cfg.train.precision, cfg.data.workers)
+    video_emb, text_emb = encode_clipset(
+        task, clips, cfg.data.num_frames, cfg.eval.batch_size, cfg.train.precision, cfg.data.workers
+    )
     t2v_ranks, v2t_ranks = retrieval_ranks(text_emb, video_emb, clips.caption_video, chunk_size=cfg.eval.chunk_size)
     metrics = metrics_from_ranks(t2v_ranks, v2t_ranks)
     if cfg.eval.dsl:

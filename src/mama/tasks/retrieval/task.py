@@ -35,7 +35,9 @@ class RetrievalBatches:
         batch = self.train_set.train_batch(step, cfg.train.batch_size, cfg.data.num_frames, cfg.train.seed, self.rows)
         meta_batch = None
         if self.meta_set is not None and cfg.meta.enabled and step % cfg.meta.interval == 0:
-            meta_batch = self.meta_set.random_batch(step, cfg.meta.batch_size, cfg.data.num_frames, cfg.train.seed, self.meta_rows)
+            meta_batch = self.meta_set.random_batch(
+                step, cfg.meta.batch_size, cfg.data.num_frames, cfg.train.seed, self.meta_rows
+            )
         return batch, meta_batch
 
 
@@ -96,7 +98,11 @@ class Retrieval:
         meta_set = splits.get("meta") if self.cfg.meta.enabled else None
         if self.cfg.meta.enabled and meta_set is None:
             raise ValueError("meta.enabled needs the meta split loaded")
-        if meta_set is not None and len(meta_rows) < self.cfg.meta.batch_size and len(meta_set) < self.cfg.meta.batch_size:
+        if (
+            meta_set is not None
+            and len(meta_rows) < self.cfg.meta.batch_size
+            and len(meta_set) < self.cfg.meta.batch_size
+        ):
             raise ConfigError(
                 f"meta.batch_size ({self.cfg.meta.batch_size}) exceeds the {len(meta_set)} meta videos; with several "
                 "processes every rank needs its full share: lower meta.batch_size"
@@ -119,12 +125,19 @@ class Retrieval:
 
     def step_stats(self, sample_ids: Tensor, weights: Tensor) -> dict[str, Any]:
         sources, noises = self._descriptions(sample_ids)
-        return {"weight_by_source": per_group_mean(weights, sources), "weight_by_noise": per_group_mean(weights, noises)}
+        return {
+            "weight_by_source": per_group_mean(weights, sources),
+            "weight_by_noise": per_group_mean(weights, noises),
+        }
 
     def weight_record(self, sample_ids: Tensor) -> dict[str, Any]:
         train_set = self._data().splits["train"]
         sources, noises = self._descriptions(sample_ids)
-        return {"video_id": [train_set.records[i].id for i in sample_ids[:, 0].tolist()], "source": sources, "noise": noises}
+        return {
+            "video_id": [train_set.records[i].id for i in sample_ids[:, 0].tolist()],
+            "source": sources,
+            "noise": noises,
+        }
 
     def merge_failures(self) -> dict[str, int]:
         return merge_failures(self._data())
