@@ -39,6 +39,29 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
 
 
+def kill_training_at(config: Path, checkpoint: Path, timeout: float = 120) -> int:
+    """Start `mama train --config config` in a subprocess (one thread) and SIGKILL it as soon as the
+    ``checkpoint`` folder exists: no chance to clean up, as in a crash. Returns its exit code."""
+    cmd = [sys.executable, "-m", "mama.cli", "train", "--config", str(config)]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not checkpoint.exists():
+            assert proc.poll() is None, (
+                f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+            )
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode
+
+
 def _run(tiny_synthvl: Path, tiny_overrides: Overrides, out: Path, *extra: str) -> Any:
     return train(load_config(None, [*tiny_overrides(tiny_synthvl, out), *extra]))
 
@@ -117,23 +140,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_synthvl: Path, tiny_overrid
     killed = tmp_path / "killed"
     cfg = load_config(None, [*tiny_overrides(tiny_synthvl, killed), *extra])
     save_config(cfg, tmp_path / "killed.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mama.cli", "train", "--config", str(tmp_path / "killed.yaml")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (killed / "checkpoints" / "step_00000012").exists():
-            assert proc.poll() is None, (
-                f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-            )
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_training_at(tmp_path / "killed.yaml", killed / "checkpoints" / "step_00000012") == -signal.SIGKILL
     assert not (killed / "metrics.json").exists()
 
     resumed = train(cfg, resume=True)

@@ -8,11 +8,7 @@ and `mama eval` / `mama export` / `mama embed` work on a QA run.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from mama.config import load_config, save_config
 from mama.tasks import create_task, load_run, train
 from test_distributed import ACTIVE_META, STABLE, _assert_close_runs, _torchrun, assert_weighting_net_moved
 from test_engine import _assert_same_tensors
+from test_train_scaling import kill_training_at
 
 Overrides = Callable[[Any, Any], list[str]]
 RECIPE = str(Path(__file__).resolve().parents[2] / "configs" / "synthvl_qa.yaml")
@@ -113,24 +110,8 @@ def test_killed_qa_run_resumes_to_the_same_state(tiny_qa_data: Path, tiny_overri
     killed = tmp_path / "killed"
     cfg = _cfg(tiny_qa_data, tiny_overrides, killed, *extra)
     save_config(cfg, tmp_path / "killed.yaml")
-    cmd = [sys.executable, "-m", "mama.cli", "train", "--config", str(tmp_path / "killed.yaml")]
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (killed / "checkpoints" / "step_00000008").exists():
-            assert proc.poll() is None, (
-                f"training exited early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-            )
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert kill_training_at(tmp_path / "killed.yaml", killed / "checkpoints" / "step_00000008") == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
 
     assert main(["train", "--config", str(tmp_path / "killed.yaml"), "--resume"]) == 0
     a, b = load_checkpoint(reference / "checkpoints"), load_checkpoint(killed / "checkpoints")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 
 from mama.cli import main
 from mama.data.qa_records import read_qa_jsonl
-from mama.data.synthvl_qa import write_synthvl_qa
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "synthvl_qa.yaml"
@@ -25,23 +23,17 @@ TINY_QA = [
 ]
 
 
-@pytest.fixture(scope="module")
-def qa_data(tiny_synthvl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("qa") / "data"
-    shutil.copytree(tiny_synthvl, root, ignore=shutil.ignore_patterns(".cache"))
-    write_synthvl_qa(root)
-    return root
-
-
 def test_qa_recipe_trains_and_beats_the_majority_answer(
-    qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--config", str(RECIPE), *tiny_overrides(qa_data, run), *TINY_QA, "train.steps=600"]) == 0
+    assert (
+        main(["train", "--config", str(RECIPE), *tiny_overrides(tiny_qa_data, run), *TINY_QA, "train.steps=600"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     metrics = json.loads((run / "metrics.json").read_text())
     # Every test question counts, answered or not.
-    assert metrics["num_questions"] == len(read_qa_jsonl(qa_data / "qa_test.jsonl"))
+    assert metrics["num_questions"] == len(read_qa_jsonl(tiny_qa_data / "qa_test.jsonl"))
     assert printed["accuracy"] == metrics["accuracy"]
     assert metrics["accuracy"] > metrics["majority_baseline"] + 10, metrics
     assert metrics["acc_background"] > 90  # the easiest question: one colour fills the frame
@@ -51,10 +43,10 @@ def test_qa_recipe_trains_and_beats_the_majority_answer(
 
 
 def test_qa_demo_compares_plain_and_meta_weighted(
-    qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_qa_data: Path, tiny_overrides: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    overrides = [o for o in tiny_overrides(qa_data, out / "unused") if not o.startswith("train.out_dir")]
+    overrides = [o for o in tiny_overrides(tiny_qa_data, out / "unused") if not o.startswith("train.out_dir")]
     assert (
         main(["demo", "--task", "qa", "--out", str(out), "--no-progress", *overrides, *TINY_QA, "train.steps=20"]) == 0
     )
@@ -66,15 +58,15 @@ def test_qa_demo_compares_plain_and_meta_weighted(
 
 
 def test_multiple_choice_qa_trains_with_uneven_candidate_counts(
-    qa_data: Path, tiny_overrides: Any, tmp_path: Path
+    tiny_qa_data: Path, tiny_overrides: Any, tmp_path: Path
 ) -> None:
     """SynthVL's multiple-choice questions have 2 to 5 candidates: padding candidates are never chosen."""
     run = tmp_path / "run"
     files = [f"qa.{s}=qa_mc_{s}.jsonl" for s in ("train", "meta", "val", "test")]
     mc = [*files, "qa.answer_format=mc", "meta.virtual_params=[model.mc_head, model.blocks]", "train.steps=600"]
-    assert main(["train", "--config", str(RECIPE), *tiny_overrides(qa_data, run), *TINY_QA, *mc]) == 0
+    assert main(["train", "--config", str(RECIPE), *tiny_overrides(tiny_qa_data, run), *TINY_QA, *mc]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_questions"] == len(read_qa_jsonl(qa_data / "qa_mc_test.jsonl"))
+    assert metrics["num_questions"] == len(read_qa_jsonl(tiny_qa_data / "qa_mc_test.jsonl"))
     # Chance is 1/C per type (1/2 for size ... 1/5 for shape): the model must beat the mean chance level.
     chance = 100 * sum(1 / c for c in (5, 5, 4, 2, 3, 4)) / 6  # colour, shape, motion, size, background, count
     assert metrics["accuracy"] > chance + 10, {k: v for k, v in metrics.items() if k.startswith("acc")}
@@ -82,12 +74,14 @@ def test_multiple_choice_qa_trains_with_uneven_candidate_counts(
 
 
 @pytest.mark.parametrize("recipe", ["msrvtt_qa_clip_b32.yaml", "nextqa_clip_b32.yaml"])
-def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+def test_clip_qa_recipes_run_with_a_tiny_clip(
+    recipe: str, tiny_qa_data: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
     """The CLIP QA recipes (backbone at its own lr, meta step through the fusion) on SynthVL's questions."""
     mc = recipe.startswith("nextqa")
     files = [f"qa.{s}=qa{'_mc' if mc else ''}_{s}.jsonl" for s in ("train", "meta", "val", "test")]
     overrides = [
-        f"data.root={qa_data}", 'data.videos=""', "qa.format=jsonl", *files, f"model.pretrained={tiny_clip_dir}",
+        f"data.root={tiny_qa_data}", 'data.videos=""', "qa.format=jsonl", *files, f"model.pretrained={tiny_clip_dir}",
         "data.frame_size=32", "model.frame_size=32", "data.num_frames=4", "model.max_frames=4", "data.workers=0",
         "model.max_text_length=16", "model.temporal_layers=1", "qa.fusion_width=32", "qa.fusion_heads=2",
         "train.batch_size=8", "meta.batch_size=8", "train.steps=4", "train.precision=fp32", "train.device=cpu",
@@ -95,7 +89,7 @@ def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_c
     ]  # fmt: skip
     assert main(["train", "--config", str(RECIPE.parent / recipe), *overrides]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["num_questions"] == len(read_qa_jsonl(qa_data / files[-1].split("=")[1]))
+    assert metrics["num_questions"] == len(read_qa_jsonl(tiny_qa_data / files[-1].split("=")[1]))
     from mama.checkpoint import load_checkpoint
 
     groups = load_checkpoint(tmp_path / "run" / "checkpoints").state["optimizer"]["param_groups"]
@@ -103,20 +97,20 @@ def test_clip_qa_recipes_run_with_a_tiny_clip(recipe: str, qa_data: Path, tiny_c
 
 
 def test_meta_questions_held_out_of_training_are_balanced_and_share_no_video(
-    qa_data: Path, tiny_overrides: Any, tmp_path: Path
+    tiny_qa_data: Path, tiny_overrides: Any, tmp_path: Path
 ) -> None:
     from collections import Counter
 
     from mama.tasks.qa import hold_out_questions
 
-    questions = read_qa_jsonl(qa_data / "qa_train.jsonl")
+    questions = read_qa_jsonl(tiny_qa_data / "qa_train.jsonl")
     train, meta = hold_out_questions(questions, 50)
     assert len(meta) == 50 and hold_out_questions(questions, 50)[1] == meta  # a fixed function of the data
     assert not {q.video_id for q in meta} & {q.video_id for q in train}
     per_group = Counter((q.qtype, q.answer) for q in meta)
     assert max(per_group.values()) - min(per_group.values()) <= 1  # round-robin over (type, answer)
     run = tmp_path / "run"
-    overrides = [*tiny_overrides(qa_data, run), *TINY_QA, 'qa.meta=""', "qa.meta_holdout=40", "train.steps=20"]
+    overrides = [*tiny_overrides(tiny_qa_data, run), *TINY_QA, 'qa.meta=""', "qa.meta_holdout=40", "train.steps=20"]
     assert main(["train", "--config", str(RECIPE), *overrides]) == 0
     assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,10 @@ def test_tensorboard_logger_in_a_run(tiny_synthvl: Path, tiny_overrides: Overrid
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/meta_loss", "train/weight_by_source/human", "val/t2v_r1"} <= tags
-    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    # Step 3 ended the first half (a log line and a checkpoint), as in log.jsonl; no step twice.
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 6]
     assert [e.step for e in events.Scalars("val/t2v_r1")] == [3]
     losses = {e.step: e.value for e in events.Scalars("train/loss")}
-    import json
-
     logged = {
         r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r
     }
