@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

@@ -13,11 +13,14 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 # Enum-like settings. Checked when a config is loaded, so a typo fails at once, naming the key and the
 # allowed values, instead of wherever the value is first used; other modules use them in signatures.
@@ -242,7 +245,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(hint, value, where)
+        return from_dict(typing.cast("type[DataclassInstance]", hint), value, where)
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 
 def is_distributed() -> bool:
@@ -87,13 +88,13 @@ class _AllGather(torch.autograd.Function):
     ranks of the gradient of its own rows (a reduce-scatter), itself differentiable."""
 
     @staticmethod
-    def forward(ctx, local: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, local: Tensor) -> Tensor:
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
         return _ReduceScatterSum.apply(grad)
 
 
@@ -101,7 +102,7 @@ class _ReduceScatterSum(torch.autograd.Function):
     """(world * n, ...) per rank -> this rank's (n, ...) rows summed over ranks. Backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, full: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, full: Tensor) -> Tensor:
         # gloo has no reduce_scatter: an all-reduce then a slice gives the same rows.
         total = full.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -110,7 +111,7 @@ class _ReduceScatterSum(torch.autograd.Function):
         return total[start : start + rows].clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
         return _AllGather.apply(grad)
 
 
@@ -119,13 +120,13 @@ class _AllReduceSum(torch.autograd.Function):
     again a sum over ranks."""
 
     @staticmethod
-    def forward(ctx, local: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, local: Tensor) -> Tensor:
         total = local.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
         return _AllReduceSum.apply(grad)
 
 

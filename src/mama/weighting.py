@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,13 +35,14 @@ class WeightNet(nn.Module):
             # a random init, decides whether high losses are up- or down-weighted. With PyTorch's
             # default init the learned map on SynthVL followed the random initial slope: it saturated
             # increasing in 1 of 3 seeds (noisy captions up-weighted), decreasing in the others.
-            nn.init.zeros_(self.net[2].weight)
-            nn.init.zeros_(self.net[2].bias)
+            out_layer = cast(nn.Linear, self.net[2])
+            nn.init.zeros_(out_layer.weight)
+            nn.init.zeros_(out_layer.bias)
 
     def forward(self, loss_per_sample: Tensor) -> Tensor:
         """(N,) losses -> (N,) weights in (0, 1). Callers pass detached losses."""
         # Cast to the net's own dtype (not a fixed float32): a float64 net must accept float64 losses.
-        x = loss_per_sample[:, None].to(self.net[0].weight.dtype)
+        x = loss_per_sample[:, None].to(cast(nn.Linear, self.net[0]).weight.dtype)
         return torch.sigmoid(self.net(x)).squeeze(1)
 
 
@@ -127,13 +128,13 @@ class MetaWeighting:
         """Sum the weighting-net gradients over ranks (each rank holds its share of the global
         objective), then step, unless they are not finite (fp16 overflow): skip like a GradScaler."""
         params = list(self.wnet.parameters())
-        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
-        all_reduce_sum_(grads)
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        dense = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+        all_reduce_sum_(dense)
+        if not all(bool(torch.isfinite(g).all()) for g in dense):
             self.skipped_updates += 1
             return
         self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(params, grads, strict=True):
+        for p, g in zip(params, dense, strict=True):
             p.grad = g
         self.optimizer.step()
 
@@ -174,10 +175,10 @@ class MetaWeighting:
         for part in partial_losses if partial_losses is not None else [loss_per_sample]:
             # allow_unused: with accumulation a micro-batch's loss may not reach every virtual parameter
             # (the logit scale's gradient is taken in one micro-batch only).
-            g = torch.autograd.grad(
+            part_grads = torch.autograd.grad(
                 (weights * part).sum(), virtual, create_graph=True, retain_graph=True, allow_unused=True
             )
-            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(virtual, g, strict=True)]
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(virtual, part_grads, strict=True)]
             grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
         assert grads is not None
         # Each rank differentiated its share of the global weighted loss: the virtual step takes the
@@ -218,7 +219,7 @@ class MetaWeighting:
         u = list(torch.autograd.grad(meta_loss, virtual, allow_unused=True))
         u = [torch.zeros_like(p) if g is None else g for p, g in zip(virtual, u, strict=True)]
         all_reduce_sum_(u)
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in u)).item()
+        norm = torch.sqrt(cast(Tensor, sum((g.double() ** 2).sum() for g in u))).item()
         if norm == 0.0 or not math.isfinite(norm):
             return float(all_reduce_sum(meta_loss.detach()))
         eps = self.cfg.fd_step / norm

@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import av
 import numpy as np
@@ -155,7 +155,7 @@ def _gaussian_blur(gray: np.ndarray, taps: np.ndarray = _BLUR_TAPS) -> np.ndarra
     half = taps.size // 2
     height, width = gray.shape
     # "reflect" needs the axis to be longer than the padding; tiny images fall back to edge repeats.
-    mode = "reflect" if min(height, width) > half else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(height, width) > half else "edge"
     padded = np.pad(gray.astype(np.float32), half, mode=mode)  # (H + 2 half, W + 2 half)
     rows = np.zeros((height + 2 * half, width), dtype=np.float32)
     for tap, weight in enumerate(taps):
@@ -512,6 +512,7 @@ def save_image(path: str | os.PathLike[str], rgb: Tensor | np.ndarray) -> Path:
     if image.dtype != np.uint8:
         raise ValueError(f"{path}: image must be uint8, got {image.dtype}")
     suffix = path.suffix.lower()
+    codec: Literal["mjpeg", "png"]  # literal names make av type the context as a VideoCodecContext
     if suffix in (".jpg", ".jpeg"):
         codec, pix_fmt = "mjpeg", "yuvj444p"
     elif suffix == ".png":

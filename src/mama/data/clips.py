@@ -511,7 +511,14 @@ def load_clipset(
         source = StreamedFrames([records[i].video for i in kept], lengths, num_slots, frame_size)
     else:
         raise ValueError(f"data.decode must be 'cache' or 'stream', got {decode!r}")
-    texts, sources, noises, starts, sizes, owners, kept_records, kept_rows = [], [], [], [], [], [], [], []
+    texts: list[str] = []
+    sources: list[str] = []
+    noises: list[str] = []
+    starts: list[int] = []
+    sizes: list[int] = []
+    owners: list[int] = []
+    kept_records: list[VideoRecord] = []
+    kept_rows: list[int] = []
     for row, index in enumerate(kept):
         record = records[index]
         pool = [c for c in record.captions if c.source in caption_sources]

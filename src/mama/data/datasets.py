@@ -357,7 +357,7 @@ def read_msrvtt(annotations: Path, videos: Path | None) -> list[VideoRecord]:
         for line_no, row in rows:
             where = f"line {line_no}"
             with located_errors(annotations, where):
-                meta = {key: row[key] for key in ("key", "vid_key") if key in row}
+                meta: dict[str, str] = {key: row[key] for key in ("key", "vid_key") if key in row}
                 builder.add(row["video_id"], [row["sentence"]], where, meta)
     elif "video_id" in header:
         data_path = _auxiliary_file(annotations, "MSRVTT_data.json", "msrvtt")

@@ -332,11 +332,11 @@ def read_tgif_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
             f"{annotations}: expected TGIF-QA FrameQA columns {list(_TGIF_FRAMEQA_COLUMNS)} or Action / "
             f"Transition columns {list(_TGIF_MC_COLUMNS)} (tab-separated), found {header}"
         )
-    index = video_index_for(annotations, videos)
+    video_index = video_index_for(annotations, videos)
 
     def resolve(aliases: Sequence[str]) -> Path:
         # VideoIndex does not list .gif files: converted videos are searched, then the official GIF.
-        return index.find(aliases[0]) or index.root / f"{aliases[0]}.gif"
+        return video_index.find(aliases[0]) or video_index.root / f"{aliases[0]}.gif"
 
     return questions.build(resolve)
 

@@ -167,7 +167,7 @@ def _frame_to_rgb(
     elif short_side is not None:
         height, width = _short_side_size(frame.height, frame.width, short_side)
         resize = {"height": height, "width": width}
-    rgb = reformatter.reformat(frame, format="rgb24", **resize).to_ndarray()
+    rgb: np.ndarray = reformatter.reformat(frame, format="rgb24", **resize).to_ndarray()
     if rotation:
         # np.rot90 turns counter-clockwise for positive k, the display rotation is clockwise.
         rgb = np.ascontiguousarray(np.rot90(rgb, k=-rotation // 90, axes=(0, 1)))
@@ -220,8 +220,8 @@ def probe_video(path: str | os.PathLike[str], exact: bool = False) -> VideoInfo:
     path = Path(path)
     if path.is_dir():
         images = _frame_images(path)
-        first = _decode_image(images[0], None, None)
-        return VideoInfo(path, len(images), None, None, first.shape[0], first.shape[1], 0)
+        first_image = _decode_image(images[0], None, None)
+        return VideoInfo(path, len(images), None, None, first_image.shape[0], first_image.shape[1], 0)
 
     container, stream = open_video(path)
     try:
@@ -428,6 +428,7 @@ def _decode_video(
     short_side: int | None,
 ) -> tuple[torch.Tensor, int]:
     """:func:`decode_frames` for a video file; also returns how many frames were decoded (for tests)."""
+    kept: dict[int, np.ndarray] | None
     if indices is None:
         kept, num_decoded = _decode_sequential(path, None, size, short_side)
         if not kept:
@@ -435,7 +436,7 @@ def _decode_video(
         return torch.from_numpy(np.stack([kept[i] for i in range(len(kept))])), num_decoded
 
     targets = sorted(set(indices))
-    kept: dict[int, np.ndarray] | None = None
+    kept = None
     num_decoded = 0
     if targets[-1] >= _MIN_INDEX_FOR_SEEK:
         packet_index, _ = _scan_packets(path)
@@ -588,7 +589,7 @@ def write_video(
             stream.width = width
             stream.height = height
             stream.pix_fmt = "yuv420p"
-            options = {"crf": str(crf), "preset": preset}
+            options: dict[str, object] = {"crf": str(crf), "preset": preset}
             if deterministic:
                 # Parallelism belongs to the caller (one file per process), not to the encoder.
                 stream.codec_context.thread_count = 1

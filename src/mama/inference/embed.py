@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +38,7 @@ from mama.data.clips import decode_clip, frames_to_model_input, map_in_workers
 from mama.data.sampling import uniform_indices
 from mama.data.video import VideoDecodeError, probe_video
 from mama.models import get_spec
+from mama.models.registry import VideoTextModel
 
 __all__ = ["Encoder", "build_index", "load_index", "search"]
 
@@ -79,7 +80,7 @@ class Encoder:
         """Embedding width D (what the model returns; e.g. CLIP's projection size, not model.embed_dim)."""
         ids, mask = self.tokenizer(["a"])
         with torch.no_grad():
-            return int(self.model.encode_text(ids.to(self.device), mask.to(self.device)).shape[1])
+            return int(cast(VideoTextModel, self.model).encode_text(ids.to(self.device), mask.to(self.device)).shape[1])
 
     @property
     def device(self) -> torch.device:
@@ -121,9 +122,10 @@ class Encoder:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
         """(N,) strings -> (N, D) float32 L2-normalised embeddings on CPU."""
         out = []
+        model = cast(VideoTextModel, self.model)
         for start in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(list(texts[start : start + batch_size]))
-            out.append(self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu())
+            out.append(model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     @torch.no_grad()
@@ -146,7 +148,7 @@ class Encoder:
                 return
             clips = torch.stack([clip for _, clip in pending])  # (B, T, S, S, 3)
             video = frames_to_model_input(clips, spec.pixel_mean, spec.pixel_std).to(self.device)
-            rows[[i for i, _ in pending]] = self.model.encode_video(video).float().cpu()
+            rows[[i for i, _ in pending]] = cast(VideoTextModel, self.model).encode_video(video).float().cpu()
             pending.clear()
 
         results = map_in_workers(reader, [Path(p) for p in paths], workers)

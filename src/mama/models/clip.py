@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from mama.models.layers import Block, run_blocks
 from mama.models.registry import ModelSpec, register_model
 
 if TYPE_CHECKING:
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 # OpenAI CLIP's pixel statistics (RGB, on 0..1 pixels): the pretrained towers expect frames normalised so.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -71,7 +71,8 @@ class CLIPTextAsset:
     """
 
     def __init__(self, hf_tokenizer: Any, clip_config: CLIPConfig, max_length: int):
-        text_config = clip_config.text_config
+        # CLIPConfig turns its sub-configs into config objects; transformers annotates them as dict | ... | None.
+        text_config = cast("CLIPTextConfig", clip_config.text_config)
         if not 2 <= max_length <= text_config.max_position_embeddings:
             raise ValueError(
                 f"max_text_length {max_length} must be in [2, {text_config.max_position_embeddings}] "
@@ -154,7 +155,9 @@ class CLIPVideoText(nn.Module):
 
         if cfg.temporal not in TEMPORAL_MODES:
             raise ValueError(f"model.temporal must be one of {TEMPORAL_MODES}, got {cfg.temporal!r}")
-        image_size = clip_config.vision_config.image_size
+        vision_config = cast("CLIPVisionConfig", clip_config.vision_config)
+        text_config = cast("CLIPTextConfig", clip_config.text_config)
+        image_size = vision_config.image_size
         if cfg.frame_size != image_size:
             raise ValueError(
                 f"model.frame_size={cfg.frame_size} but the CLIP vision tower takes {image_size}x{image_size} "
@@ -177,19 +180,20 @@ class CLIPVideoText(nn.Module):
         self.frame_size = image_size
         self.grad_checkpointing = cfg.grad_checkpointing
         dim = clip_config.projection_dim
+        assert dim is not None, "the CLIP config has no projection_dim"
         # Widths of video_tokens (per-frame projected features) / text_tokens (text tower hidden states).
         self.video_token_dim = dim
-        self.text_token_dim = clip_config.text_config.hidden_size
+        self.text_token_dim = text_config.hidden_size
         self.frame_pos: nn.Parameter | None = None
         self.temporal_blocks: nn.ModuleList | None = None
         if cfg.temporal == "seqTransf":
             self.frame_pos = nn.Parameter(torch.randn(1, cfg.max_frames, dim) * 0.02)
             self.temporal_blocks = nn.ModuleList(Block(dim, _temporal_heads(dim)) for _ in range(cfg.temporal_layers))
-            for block in self.temporal_blocks:
+            for block in cast("Iterable[Block]", self.temporal_blocks):
                 # Zero output projections make every block the identity at step 0, so seqTransf starts exactly
                 # at meanP, i.e. at the pretrained CLIP's zero-shot retrieval, instead of perturbing the
                 # pretrained features with a random transformer before fine-tuning has seen any data.
-                for layer in (block.proj, block.mlp[-1]):
+                for layer in (block.proj, cast(nn.Linear, block.mlp[-1])):
                     nn.init.zeros_(layer.weight)
                     nn.init.zeros_(layer.bias)
 

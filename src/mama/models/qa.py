@@ -25,11 +25,14 @@ The model never computes losses (see :class:`mama.tasks.qa.module.QAModule`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from mama.config import QAConfig
 from mama.models.layers import Block, run_blocks
+from mama.models.registry import TokenEncoder
 
 ANSWER_FORMATS = ("open", "mc")
 
@@ -66,7 +69,8 @@ class VideoQAModel(nn.Module):
         self.encoder = encoder
         width = cfg.fusion_width
         # The LayerNorm puts both towers on one scale (CLIP's frame features are unnormalised projections).
-        video_dim, text_dim = encoder.video_token_dim, encoder.text_token_dim
+        token_encoder = cast(TokenEncoder, encoder)  # has every attribute checked above
+        video_dim, text_dim = token_encoder.video_token_dim, token_encoder.text_token_dim
         self.video_proj = nn.Sequential(nn.LayerNorm(video_dim), nn.Linear(video_dim, width))
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
         self.type_embed = nn.Parameter(torch.randn(2, width) * 0.02)  # row 0: video tokens, row 1: text tokens
@@ -83,6 +87,11 @@ class VideoQAModel(nn.Module):
             )
         else:
             self.mc_head = nn.Linear(width, 1)
+
+    @property
+    def _token_encoder(self) -> TokenEncoder:
+        # The encoder, typed by the interface that __init__ checked it for.
+        return cast(TokenEncoder, self.encoder)
 
     def fuse_tokens(self, video_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
         """Joint transformer over one video and one text per row.
@@ -116,24 +125,24 @@ class VideoQAModel(nn.Module):
 
     def fuse(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """video (B, T, C, H, W), input_ids / attention_mask (B, L) -> (B, W) fused [CLS] state."""
-        text_tokens = self.encoder.text_tokens(input_ids, attention_mask)
-        return self.fuse_tokens(self.encoder.video_tokens(video), text_tokens, attention_mask)
+        text_tokens = self._token_encoder.text_tokens(input_ids, attention_mask)
+        return self.fuse_tokens(self._token_encoder.video_tokens(video), text_tokens, attention_mask)
 
     def open_logits(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """video (B, T, C, H, W), question input_ids / attention_mask (B, L) -> (B, K) answer logits."""
-        return self.open_logits_from_tokens(self.encoder.video_tokens(video), input_ids, attention_mask)
+        return self.open_logits_from_tokens(self._token_encoder.video_tokens(video), input_ids, attention_mask)
 
     def open_logits_from_tokens(self, video_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """As :meth:`open_logits` from precomputed ``video_tokens`` (B, Nv, Dv) -> (B, K)."""
         if self.open_head is None:
             raise RuntimeError("this QA model was built with answer_format='mc': it has no open-ended head")
-        text_tokens = self.encoder.text_tokens(input_ids, attention_mask)
+        text_tokens = self._token_encoder.text_tokens(input_ids, attention_mask)
         return self.open_head(self.dropout(self.fuse_tokens(video_tokens, text_tokens, attention_mask)))
 
     def mc_scores(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """video (B, T, C, H, W), input_ids / attention_mask (B, C, L): each row the text of question +
         candidate c -> (B, C) scores (unnormalised; softmax over C). The video is encoded once per sample."""
-        return self.mc_scores_from_tokens(self.encoder.video_tokens(video), input_ids, attention_mask)
+        return self.mc_scores_from_tokens(self._token_encoder.video_tokens(video), input_ids, attention_mask)
 
     def mc_scores_from_tokens(self, video_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """As :meth:`mc_scores` from precomputed ``video_tokens`` (B, Nv, Dv) -> (B, C)."""
@@ -149,7 +158,7 @@ class VideoQAModel(nn.Module):
             raise ValueError(f"{video_tokens.shape[0]} videos for {b} questions")
         # (B, C, L) -> (B*C, L): every candidate text is encoded on its own
         flat_mask = attention_mask.reshape(b * c, length)
-        text_tokens = self.encoder.text_tokens(input_ids.reshape(b * c, length), flat_mask)  # (B*C, L, Dt)
+        text_tokens = self._token_encoder.text_tokens(input_ids.reshape(b * c, length), flat_mask)  # (B*C, L, Dt)
         video = self._project_video(video_tokens)  # (B, Nv, W): encoded and projected once per sample
         num_video, width = video.shape[1:]
         # (B, Nv, W) -> (B, C, Nv, W) -> (B*C, Nv, W): each sample's video shared by its C candidates, in the

@@ -37,6 +37,24 @@ class Tokenizer(Protocol):
     def save(self, folder: Path) -> None: ...
 
 
+class VideoTextModel(Protocol):
+    """What every registered model (an ``nn.Module``) exposes; for typing, cast a model to it."""
+
+    def encode_video(self, video: Tensor) -> Tensor: ...
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+
+class TokenEncoder(VideoTextModel, Protocol):
+    """A model that can feed a QA fusion model (:class:`mama.models.qa.VideoQAModel`): token features too."""
+
+    video_token_dim: int
+    text_token_dim: int
+
+    def video_tokens(self, video: Tensor) -> Tensor: ...
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def pool_video_tokens(self, video_tokens: Tensor) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build_tokenizer: Callable[[ModelConfig, Iterable[str]], Any]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from mama.weighting import MetaWeighting
 
 def rng_state() -> dict[str, Any]:
     """The torch, Python and NumPy global RNG states, in a form the checkpoint can store."""
-    np_state = np.random.get_state()
+    # The global RandomState is an MT19937, whose state comes as the legacy tuple (the stub also allows a dict).
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

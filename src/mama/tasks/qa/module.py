@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from mama.config import LossConfig
 from mama.distributed import gather_rows, gather_with_grad
 from mama.losses import LogitScale, angular_margin_nce
 from mama.models.qa import VideoQAModel
+from mama.models.registry import TokenEncoder
 
 
 class QAModule(nn.Module):
@@ -97,7 +98,7 @@ class QAModule(nn.Module):
         return out
 
     def _encode(self, batch: Mapping[str, Any]) -> _Parts:
-        encoder = self.model.encoder
+        encoder = cast(TokenEncoder, self.model.encoder)
         # (B, Nv, Dv): encoded once, shared by the answer head and the contrastive embedding.
         video_tokens = encoder.video_tokens(batch["video"])
         answer = batch["answer"]
@@ -158,7 +159,7 @@ class QAModule(nn.Module):
     ) -> Tensor:
         """(B,) angular margin contrastive loss of (B, D) video embeddings against their captions
         ``caption_ids`` / ``caption_mask`` (B, Lc); see :meth:`contrastive_from_embeddings`."""
-        text_emb = self.model.encoder.encode_text(caption_ids, caption_mask)  # (B, D)
+        text_emb = cast(TokenEncoder, self.model.encoder).encode_text(caption_ids, caption_mask)  # (B, D)
         return self.contrastive_from_embeddings(video_emb, text_emb, has_caption)
 
     def contrastive_from_embeddings(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,7 @@ from mama.config import Config, Precision
 from mama.data.clips import ClipSet
 from mama.distributed import gather_rows, shard_range
 from mama.metrics import bucket_recall, dsl_metrics, metrics_from_ranks, retrieval_ranks
+from mama.models.registry import VideoTextModel
 from mama.precision import autocast
 from mama.tasks.retrieval.module import RetrievalModule
 
@@ -28,7 +31,7 @@ def encode_clipset(
     item is encoded once and none is duplicated by padding.
     """
     task.eval()
-    model = task.model
+    model = cast(VideoTextModel, task.model)
     device = next(task.parameters()).device
     video_share = shard_range(len(clips))
     caption_share = shard_range(len(clips.caption_ids))

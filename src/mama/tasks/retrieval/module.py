@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from mama.config import LossConfig
 from mama.distributed import gather_with_grad
 from mama.losses import LogitScale, angular_margin_nce
+from mama.models.registry import VideoTextModel
 
 
 @dataclass
@@ -49,8 +50,9 @@ class RetrievalModule(nn.Module):
 
     def encode(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """(B, D) video and (B, D) text embeddings, L2-normalised by the model."""
-        video_emb = self.model.encode_video(batch["video"])
-        text_emb = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        model = cast(VideoTextModel, self.model)
+        video_emb = model.encode_video(batch["video"])
+        text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])
         return video_emb, text_emb
 
     def forward(self, batch: Mapping[str, Any], cache: EmbeddingCache | None = None) -> dict[str, Tensor]:
@@ -96,7 +98,7 @@ class RetrievalModule(nn.Module):
             logit_scale,
             self.margin,
             reduction="none",
-            mode=self.mode,  # type: ignore[arg-type]
+            mode=self.mode,
             all_video_emb=all_video,
             all_text_emb=all_text,
             offset=offset,
