@@ -203,14 +203,22 @@ def test_fresh_run_refuses_to_replace_an_existing_run(
         load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=2", "train.overwrite=true"])
     )
     assert replaced.steps_run == 2
+    # A replacement that stops early leaves no metrics.json of the run it replaced.
+    assert (run_dir / "metrics.json").exists()
+    overwrite = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["train.steps=4", "train.overwrite=true"])
+    train(overwrite, max_steps=1)
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_resume_refuses_a_changed_config(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train(load_config(None, tiny_overrides(tiny_synthvl, run_dir)), max_steps=2)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     changed = load_config(None, tiny_overrides(tiny_synthvl, run_dir) + ["loss.margin=0.1"])
     with pytest.raises(ConfigError, match=r"loss\.margin: 0\.0 -> 0\.1"):
         train(changed, resume=True)
+    # Refused before anything was written: the run folder (config.yaml, tokenizer, logs) is as it was.
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 # --- CLI --------------------------------------------------------------------------------------------

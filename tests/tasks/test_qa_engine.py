@@ -8,6 +8,7 @@ and `mama eval` / `mama export` / `mama embed` work on a QA run.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from mama.checkpoint import load_checkpoint
+from mama.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mama.cli import main
 from mama.config import load_config, save_config
 from mama.tasks import create_task, load_run, train
@@ -56,6 +57,17 @@ def test_two_process_qa_equals_one_process(
     assert two_metrics["world_size"] == 2 and two_metrics["num_questions"] == result.metrics["num_questions"]
     one_question = 100 / result.metrics["num_questions"]  # parameters equal to 1e-5 may still flip a near-tie
     assert two_metrics["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=one_question + 1e-6)
+
+
+@pytest.mark.distributed
+def test_qa_meta_batch_larger_than_the_meta_split_is_refused_on_several_ranks(
+    tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path
+) -> None:
+    """One rank would get every meta question and the other none: refuse, naming the setting."""
+    args = ["-m", "mama.cli", "train", "--config", RECIPE, *tiny_overrides(tiny_qa_data, tmp_path / "run"), *TINY_QA]
+    done = _torchrun([*args, "meta.batch_size=100000"], tmp_path, expect_ok=False)
+    assert done.returncode != 0
+    assert "meta.batch_size (100000) exceeds the" in done.stderr and "meta questions" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -124,6 +136,24 @@ def test_killed_qa_run_resumes_to_the_same_state(tiny_qa_data: Path, tiny_overri
         json.loads((killed / "metrics.json").read_text())["accuracy"]
         == json.loads((reference / "metrics.json").read_text())["accuracy"]
     )
+
+
+def test_a_qa_checkpoint_without_engine_state_is_refused_clearly(
+    tiny_qa_data: Path, tiny_overrides: Overrides, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint as the single-process QA loop wrote it (weights, optimiser and config only)."""
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_qa_data, tiny_overrides, run, "train.steps=2")
+    train(cfg)
+    ckpt = load_checkpoint(run / "checkpoints")
+    shutil.rmtree(run / "checkpoints")
+    old_state = {"step": 2, "config": ckpt.state["config"], "optimizer": ckpt.state["optimizer"]}
+    save_checkpoint(run / "checkpoints", 2, {"task": ckpt.tensors["task"]}, old_state, keep_last=1)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--no-progress"]) == 2
+    assert "names no saved tokenizer" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="holds no scheduler, rng state"):
+        train(cfg, resume=True)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from mama.checkpoint import load_checkpoint
+from mama.checkpoint import CheckpointError, load_checkpoint
 from mama.config import Config, Split, from_dict
 from mama.tasks.qa import VideoQA
 from mama.tasks.retrieval import Retrieval
@@ -55,6 +55,11 @@ def load_run(path: str | Path) -> TrainedRun:
     path = Path(path)
     ckpt = load_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
     cfg = from_dict(Config, ckpt.state["config"])
+    if "tokenizer_dir" not in ckpt.state:
+        raise CheckpointError(
+            f"{ckpt.path}: names no saved tokenizer (video QA runs written before QA trained on the common "
+            "engine did not keep one), so its model cannot be rebuilt; train it again"
+        )
     task = create_task(cfg)
     task.restore_assets(ckpt.path.parent.parent, ckpt.state)
     module = task.build_module(pretrained=False)

@@ -187,6 +187,22 @@ class Loggers:
 LOGGER_NAMES: tuple[str, ...] = ("jsonl", "tensorboard")
 
 
+def check_loggers(names: Sequence[str]) -> None:
+    """Refuse unknown or repeated logger names, and a TensorBoard logger without its package, before a
+    run starts (every rank calls it, so no rank waits in a collective for one that failed)."""
+    unknown = [name for name in names if name not in LOGGER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {unknown}; allowed: {list(LOGGER_NAMES)}")
+    duplicated = sorted({name for name in names if list(names).count(name) > 1})
+    if duplicated:
+        raise ValueError(f"logger(s) {duplicated} listed more than once; each would write the same records twice")
+    if "tensorboard" in names:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ImportError(_TENSORBOARD_MISSING) from err
+
+
 def build_loggers(names: Sequence[str], out_dir: Path, resume_step: int | None, enabled: bool) -> Loggers:
     """Build the named loggers for a run folder.
 

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mama.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from mama.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mama.config import Config, ConfigError, resume_changes, save_config, to_dict
 from mama.data.clips import map_in_workers
 from mama.distributed import DistContext, barrier, broadcast_object, cleanup, gather_rows, init_distributed, shard_range
 from mama.precision import grad_scaler
-from mama.training.loggers import JsonlLogger, build_loggers
+from mama.training.loggers import JsonlLogger, build_loggers, check_loggers
 from mama.training.optim import build_optimizer
 from mama.training.state import TrainState
 from mama.training.step import StepOutput, StepSettings, meta_weighted_step
@@ -89,15 +89,21 @@ class Trainer:
         """Run folder, data, model and optimisers; with ``resume`` the newest valid checkpoint's state."""
         tc = self.cfg.train
         check_batch_sizes(self.cfg, self.ctx.world_size)
+        check_loggers(tc.loggers)
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
+        checkpoints = self.out_dir / "checkpoints"
+        found = broadcast_object(find_latest_checkpoint(checkpoints) if self.main and resume else None)
+        latest = Path(found) if isinstance(found, Path) else None
+        if latest is not None:
+            # Before anything is written: a refused resume leaves the run folder as it was.
+            changed = broadcast_object(self._config_changes(latest) if self.main else None)
+            if isinstance(changed, list) and changed:
+                raise ConfigError(f"cannot resume from {latest}: the config changed ({'; '.join(changed)})")
         self._prepare_run_dir(resume)
         self._load_data()
-        checkpoints = self.out_dir / "checkpoints"
-        latest = broadcast_object(find_latest_checkpoint(checkpoints) if self.main and resume else None)
         self.state, self.step_module = self._build_state(pretrained=latest is None)
         if latest is not None:
-            assert isinstance(latest, Path)
             self.load_checkpoint(latest)
         keep = self.start_step if resume else None
         self.loggers = build_loggers(tc.loggers, self.out_dir, keep, enabled=self.main)
@@ -116,8 +122,12 @@ class Trainer:
             )
         barrier()  # every rank has looked at out_dir before rank 0 changes it
         if self.main:
-            if not resume and checkpoints.exists():
-                shutil.rmtree(checkpoints)
+            if not resume:
+                # A fresh run replaces what an earlier run here wrote (never anything else).
+                if checkpoints.exists():
+                    shutil.rmtree(checkpoints)
+                for name in ("metrics.json", "weights.jsonl"):
+                    (self.out_dir / name).unlink(missing_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
 
@@ -159,12 +169,21 @@ class Trainer:
         state.update(world_size=self.ctx.world_size, config=to_dict(self.cfg), tokenizer_dir="tokenizer")
         return save_checkpoint(self.out_dir / "checkpoints", step, tensors, state, keep_last=self.cfg.train.keep_last)
 
+    def _config_changes(self, path: Path) -> list[str]:
+        return resume_changes(load_checkpoint(path).state["config"], self.cfg)
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint of this run, refusing one whose config trains something else."""
         ckpt = load_checkpoint(path)
         changed = resume_changes(ckpt.state["config"], self.cfg)
         if changed:
             raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(changed)})")
+        missing = [key for key in ("optimizer", "scheduler", "rng") if key not in ckpt.state]
+        if missing:
+            raise CheckpointError(
+                f"{path}: holds no {', '.join(missing)} state, so it cannot be resumed exactly (video QA runs "
+                "written before QA trained on the common engine kept only weights); start a new run"
+            )
         self.state.load_state_dict(ckpt.tensors, ckpt.state)
         self.start_step = ckpt.step
 
@@ -214,7 +233,8 @@ class Trainer:
         tc = self.cfg.train
         # Logging sees the global batch: losses, weights and sample ids of every rank, in rank order.
         local = torch.stack([out.loss_per_sample.float(), out.weights.float()], 1).cpu().double()
-        stats = gather_rows(torch.cat([local, sample_ids.double()], 1))
+        # Gathered on the training device: NCCL process groups have no CPU backend.
+        stats = gather_rows(torch.cat([local, sample_ids.double()], 1).to(self.ctx.device)).cpu()
         losses, weights, ids = stats[:, 0].float(), stats[:, 1].float(), stats[:, 2:].long()
         self._windows["loss"].append(float(losses.mean()))
         if out.meta_loss is not None:
@@ -231,9 +251,10 @@ class Trainer:
                     "weight": [round(v, 6) for v in weights.tolist()],
                 }
             )
-        if done % self.task.steps_per_epoch(tc.batch_size) == 0:
+        steps_per_epoch = self.task.steps_per_epoch(tc.batch_size)
+        if steps_per_epoch and done % steps_per_epoch == 0:
             # Epoch summary: which videos could not be used so far (load time and mid-run, every rank).
-            epoch = done // self.task.steps_per_epoch(tc.batch_size)
+            epoch = done // steps_per_epoch
             self.loggers.log({"step": done, "epoch": epoch, "skipped_videos": self.task.merge_failures()})
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
             self.loggers.log({"step": done, "split": "val", **self.evaluate("val")})
@@ -249,9 +270,11 @@ class Trainer:
             "step": done,
             "loss": statistics.fmean(self._windows["loss"]),
             "lr": state.scheduler.get_last_lr()[0],
-            "logit_scale": float(state.module.logit_scale().detach()),  # type: ignore[operator]
             "step_ms": 1000 * statistics.fmean(self.step_times[-self.cfg.train.log_every :]),
         }
+        logit_scale = getattr(state.module, "logit_scale", None)  # a task module with a contrastive loss
+        if logit_scale is not None:
+            record["logit_scale"] = float(logit_scale().detach())
         if out.grad_norm is not None:
             record["grad_norm"] = float(out.grad_norm)
         skipped = self.task.merge_failures()

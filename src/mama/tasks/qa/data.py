@@ -101,8 +101,9 @@ class QAData:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Per split: questions lost at load plus videos that failed to decode (at load or mid-run)."""
-        return {name: self.lost.get(name, 0) + len(split.clips.skipped) for name, split in self.splits.items()}
+        """Per split: videos that could not be decoded (at load or mid-run); their questions are in ``lost``
+        (when lost at load) and count as wrong in evaluation."""
+        return {name: len(split.clips.skipped) for name, split in self.splits.items()}
 
 
 def _caption_pools(cfg: Config, root: Path) -> dict[str, list[Caption]]:

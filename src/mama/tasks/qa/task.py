@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mama.config import Config
+from mama.config import Config, ConfigError
 from mama.data.clips import seeded_generator
 from mama.data.sampling import segment_random_indices
 from mama.distributed import all_gather_object
@@ -117,8 +117,9 @@ class VideoQA:
 
     @property
     def find_unused_parameters(self) -> bool:
-        # Without captions the encoder's embedding heads and the logit scale get no gradient.
-        return not self.captions
+        # A batch without any caption leaves the encoder's embedding heads and the logit scale without
+        # gradient: with the contrastive term off, or when only some training videos have captions.
+        return not (self.captions and bool(self._data().splits["train"].has_caption.all()))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self._data().splits["train"]) // batch_size
@@ -130,6 +131,11 @@ class VideoQA:
         meta_set = splits.get("meta") if cfg.meta.enabled else None
         if cfg.meta.enabled and meta_set is None:
             raise ValueError("meta.enabled needs the meta split loaded")
+        if meta_set is not None and len(meta_rows) < cfg.meta.batch_size and len(meta_set) < cfg.meta.batch_size:
+            raise ConfigError(
+                f"meta.batch_size ({cfg.meta.batch_size}) exceeds the {len(meta_set)} meta questions; with several "
+                "processes every rank needs its full share: lower meta.batch_size"
+            )
         return QABatches(splits["train"], meta_set, cfg, rows, meta_rows, self.captions)
 
     def to_device(self, batch: Batch, device: torch.device, meta: bool) -> tuple[Batch, Tensor]:
@@ -182,4 +188,5 @@ class VideoQA:
         metrics = self.evaluate(module, split)
         metrics["majority_baseline"] = majority_baseline(data.splits["train"], data.splits[split])
         metrics["dropped_oov_train_questions"] = float(data.splits["train"].dropped_oov)
+        metrics["lost_questions"] = float(data.lost.get(split, 0))  # no usable video; counted wrong
         return metrics

@@ -64,7 +64,8 @@ class Retrieval:
         self.tokenizer = data.tokenizer if data is not None else tokenizer
 
     def training_splits(self, meta: bool) -> tuple[str, ...]:
-        return ("train", "meta", "val", "test") if meta else ("train", "val", "test")
+        splits = ("train", "meta", "val", "test") if meta else ("train", "val", "test")
+        return splits if self.cfg.eval.split in splits else (*splits, self.cfg.eval.split)
 
     def load_data(self, splits: Sequence[str], progress: bool) -> None:
         self.data = load_data(self.cfg, tuple(splits), tokenizer=self.tokenizer, progress=progress)
