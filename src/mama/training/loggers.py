@@ -211,12 +211,7 @@ def build_loggers(names: Sequence[str], out_dir: Path, resume_step: int | None, 
     ``enabled`` is False on every rank but 0.
     """
     # Validate every name before building any logger: building one may already delete an old log.
-    unknown = [name for name in names if name not in LOGGER_NAMES]
-    if unknown:
-        raise ValueError(f"unknown logger(s) {unknown}; allowed: {list(LOGGER_NAMES)}")
-    duplicated = sorted({name for name in names if list(names).count(name) > 1})
-    if duplicated:
-        raise ValueError(f"logger(s) {duplicated} listed more than once; each would write the same records twice")
+    check_loggers(names)
     loggers: list[Logger] = []
     for name in names:
         if name == "jsonl":
