@@ -41,6 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 from torch import Tensor
 
+from mama.fileio import set_default_mode
+
 __all__ = ["Checkpoint", "CheckpointError", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 MANIFEST = "manifest.json"
@@ -145,7 +147,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, name + "\n")
+    write_text_atomic(root / LATEST, name + "\n")
     if keep_last is not None:
         _prune(root, keep=final_dir, keep_last=keep_last)
     return final_dir
@@ -181,8 +183,9 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]
             metadata[_SCALAR_KEYS_METADATA] = json.dumps(scalar_keys)
             storable.update({key: storable[key].reshape(1) for key in scalar_keys})
     save_file(storable, path, metadata=metadata or None)
+    set_default_mode(path)  # save_file makes it owner-only (0600)
     _fsync_file(path)
-    return _file_record(path)
+    return file_record(path)
 
 
 def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
@@ -193,7 +196,7 @@ def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp_path = path.with_name(f".{path.name}.tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}")
     try:
         _write_bytes(tmp_path, text.encode())
@@ -234,11 +237,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+def file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -416,7 +419,7 @@ def _verify(step_dir: Path) -> dict[str, Any]:
         size = file_path.stat().st_size
         if size != record["bytes"]:
             raise CheckpointError(f"{file_path}: size {size} bytes, manifest says {record['bytes']} (truncated?)")
-        if _sha256_file(file_path) != record["sha256"]:
+        if sha256_file(file_path) != record["sha256"]:
             raise CheckpointError(f"{file_path}: sha256 mismatch (corrupt)")
     return manifest
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from mama.data.records import VideoRecord
 from mama.data.sampling import segment_random_indices, uniform_indices
 from mama.data.transforms import center_crop, normalize
 from mama.data.video import VideoDecodeError, decode_frames, probe_video
+from mama.fileio import atomic_path
 
 # Default normalisation (the from-scratch models); pretrained backbones bring their own mean and std.
 PIXEL_MEAN = (0.5, 0.5, 0.5)
@@ -437,39 +439,48 @@ def load_frames(
 
     Returns the indices of the records kept, frames uint8 (V, F, H, W, 3), and the skipped videos.
     The cache ``cache_dir/<name>_<hash>.safetensors`` is keyed by the split's videos (and the annotation
-    file's identity), the frame size and count, and written atomically; a folder that cannot be
-    written only costs the cache, with a warning.
+    file's identity), the frame size and count, and written atomically with the usual permissions (umask,
+    so teammates sharing the folder can read it). A cache file that cannot be read (another user's,
+    damaged) is a cache miss and a folder that cannot be written only costs the cache, each with a warning.
     """
     key, short = _cache_key(name, records, frame_size, cached_frames, annotation)
     cache = cache_dir / f"{name}_{frame_size}px_{cached_frames}f_{short}.safetensors"
-    if cache.exists():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(cache), "pt") as handle:
-                meta = handle.metadata() or {}
-            if meta.get("key") == key:
-                tensors = load_file(str(cache))
-                return tensors["kept"].tolist(), tensors["frames"], json.loads(meta["skipped"])
-        except Exception as exc:  # a damaged cache is rebuilt, never trusted
-            warnings.warn(f"ignoring unreadable frame cache {cache}: {exc}", stacklevel=2)
+    cached = _read_frame_cache(cache, key)
+    if cached is not None:
+        return cached
     kept, clips, skipped = _decode_all(records, frame_size, cached_frames, f"decode {name}", progress)
     if not clips:
         raise ValueError(f"{name}: none of the {len(records)} videos could be decoded")
     frames = torch.stack(clips)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"frames": frames.contiguous(), "kept": torch.tensor(kept, dtype=torch.long)},
-            str(tmp),
-            metadata={"key": key, "skipped": json.dumps(skipped)},
-        )
-        tmp.replace(cache)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(cache) as tmp:
+            save_file(
+                {"frames": frames.contiguous(), "kept": torch.tensor(kept, dtype=torch.long)},
+                str(tmp),
+                metadata={"key": key, "skipped": json.dumps(skipped)},
+            )
+    except (OSError, SafetensorError) as exc:  # safetensors reports a read-only folder as its own error
         warnings.warn(f"cannot write the frame cache {cache} ({exc}); decoding again next time", stacklevel=2)
     return kept, frames, skipped
+
+
+def _read_frame_cache(cache: Path, key: str) -> tuple[list[int], Tensor, list[str]] | None:
+    """``(kept, frames, skipped)`` from ``cache`` if it exists and holds ``key``, else None (a miss)."""
+    try:
+        if not cache.exists():
+            return None
+        with open(cache, "rb"):  # safetensors would report an unreadable file as "No such file or directory"
+            pass
+        with safe_open(str(cache), "pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        tensors = load_file(str(cache))
+        return tensors["kept"].tolist(), tensors["frames"], json.loads(meta["skipped"])
+    except Exception as exc:  # unreadable or damaged: decoded again, never trusted, never fatal
+        warnings.warn(f"ignoring unreadable frame cache {cache} ({exc}); decoding the videos again", stacklevel=3)
+        return None
 
 
 def load_clipset(

@@ -20,9 +20,12 @@ and so are the videos for a given libx264 build (the encoder runs single-threade
 
 Layout written by :func:`generate`::
 
+    out_dir/.mama-synthvl.json          marks the folder as made by this generator; written first
     out_dir/videos/<split>/<id>.mp4     H.264, num_frames x size x size, RGB content
     out_dir/<split>.jsonl               one record per video (read with mama.data.records.read_jsonl)
     out_dir/synthvl.json                config, concepts with train counts and buckets; written last
+
+It writes only into a new or empty folder or one it made itself, and deletes nothing it did not write.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -44,6 +48,7 @@ from tqdm import tqdm
 from mama.config import DataConfig
 from mama.data.records import write_jsonl
 from mama.data.video import write_video
+from mama.fileio import atomic_path
 
 __all__ = [
     "BACKGROUNDS",
@@ -54,11 +59,13 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SPLITS",
+    "ForeignFolderError",
     "SynthConfig",
     "concept_table",
     "generate",
     "human_caption",
     "is_complete",
+    "is_synthvl_folder",
     "lvlm_caption",
     "make_records",
     "parse_caption",
@@ -68,6 +75,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 METADATA_NAME = "synthvl.json"
+# Written first into a folder generation starts on: the folder is ours even if generation is interrupted.
+MARKER_NAME = ".mama-synthvl.json"
+GENERATOR = "mama.data.synthvl"
 SPLITS = ("train", "meta", "val", "test")
 # Fixed salts keep each split's random stream independent of the others' sizes.
 _SPLIT_SALT = {"concepts": 0, "train": 1, "meta": 2, "val": 3, "test": 4}
@@ -600,9 +610,10 @@ def _pool_context() -> mp.context.BaseContext:
 
 def _read_metadata(out_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((out_dir / METADATA_NAME).read_text(encoding="utf-8"))
+        meta = json.loads((out_dir / METADATA_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def is_complete(out_dir: str | os.PathLike[str], cfg: SynthConfig) -> bool:
@@ -621,6 +632,77 @@ def is_complete(out_dir: str | os.PathLike[str], cfg: SynthConfig) -> bool:
     )
 
 
+class ForeignFolderError(ValueError):
+    """SynthVL generation was pointed at a folder that holds files it did not write there.
+
+    A ValueError, so ``mama`` reports it in one line, without a traceback.
+    """
+
+
+def is_synthvl_folder(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether SynthVL generation made ``out_dir`` (complete or interrupted), so it may write there.
+
+    Recognised by the marker :func:`generate` writes before anything else, or, for folders made before
+    the marker existed, by a SynthVL metadata file.
+    """
+    out_dir = Path(out_dir)
+    try:
+        marker = json.loads((out_dir / MARKER_NAME).read_text(encoding="utf-8"))
+        if isinstance(marker, dict) and marker.get("generator") == GENERATOR:
+            return True
+    except (OSError, ValueError):
+        pass
+    meta = _read_metadata(out_dir)
+    return meta is not None and meta.get("name") == "SynthVL" and isinstance(meta.get("format_version"), int)
+
+
+def _check_target(out_dir: Path, advice: str) -> str:
+    """Why generation may write into ``out_dir`` ("new", "empty" or "ours"); raises ForeignFolderError
+    (ending with ``advice``) for any other folder, and for a path that is not a folder."""
+    if not out_dir.exists():
+        return "new"
+    if not out_dir.is_dir():
+        raise ForeignFolderError(f"{out_dir} is a file, not a folder. {advice}")
+    if is_synthvl_folder(out_dir):
+        return "ours"
+    entries = sorted(entry.name for entry in out_dir.iterdir())
+    if not entries:
+        return "empty"
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise ForeignFolderError(
+        f"{out_dir} is neither empty nor a SynthVL folder made by mama (it holds {shown}); SynthVL is only "
+        f"generated into an empty or new folder or one it made itself, so nothing there was changed. {advice}"
+    )
+
+
+def _write_marker(out_dir: Path) -> None:
+    if (out_dir / MARKER_NAME).is_file():
+        return
+    marker = {
+        "generator": GENERATOR,
+        "format_version": FORMAT_VERSION,
+        "note": "made by mama's SynthVL generator, which may rewrite or delete the files it generated here",
+    }
+    with atomic_path(out_dir / MARKER_NAME) as tmp:
+        tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_stale_videos(video_dir: Path, split: str, wanted: set[str]) -> None:
+    """Delete this generator's own files in ``video_dir`` that the current config does not write: videos
+    named like its ids (left by an earlier, larger config) and write_video's temporary files (left by an
+    interrupted run). Nothing else there is touched."""
+    stem = rf"{re.escape(split)}_\d{{5,}}"
+    own = re.compile(rf"^(?:{stem}\.mp4|\.{stem}\.[0-9a-f]{{32}}\.tmp\.mp4)$")  # see mama.data.video.write_video
+    for path in video_dir.iterdir():
+        if own.match(path.name) and path.name not in wanted and path.is_file():
+            path.unlink()
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     cfg: SynthConfig = SynthConfig(),
@@ -630,21 +712,34 @@ def generate(
 ) -> Path:
     """Generate SynthVL into ``out_dir`` (layout in the module docstring); idempotent.
 
+    Writes only into a new or empty folder or one it made itself (:func:`is_synthvl_folder`): it first
+    writes its marker there, so an interrupted generation is finished by the next call. Regenerating its
+    own folder replaces the files it generates and deletes only its own stale videos; files others put
+    there are left alone.
+
     Args:
         out_dir: dataset folder, created if needed.
         cfg: generation settings.
-        progress: show a tqdm bar over videos.
+        progress: show a tqdm bar over videos and say (on stderr) what is generated or reused.
         workers: processes rendering and encoding videos; <= 1 runs in this process.
         overwrite: regenerate even if ``out_dir`` already holds a complete dataset with this config.
 
     Returns:
         ``out_dir`` as a Path.
+
+    Raises:
+        ForeignFolderError: ``out_dir`` holds files SynthVL did not write (nothing is changed).
     """
     out_dir = Path(out_dir)
+    state = _check_target(out_dir, "Choose an empty or new output folder.")
     if not overwrite and is_complete(out_dir, cfg):
+        _say(progress, f"SynthVL: reusing the complete dataset at {out_dir}")
         return out_dir
+    reason = {"new": "a new folder", "empty": "an empty folder", "ours": "its own folder, replacing what it made"}
+    _say(progress, f"SynthVL: generating into {out_dir} ({reason[state]})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop the completion marker first: a crash below must not leave an old marker over new files.
+    _write_marker(out_dir)  # first: from here on the folder is recognisably ours, even if interrupted
+    # Drop the completion marker next: a crash below must not leave an old marker over new files.
     (out_dir / METADATA_NAME).unlink(missing_ok=True)
 
     table = concept_table(cfg)
@@ -654,11 +749,7 @@ def generate(
     for split, items in split_items.items():
         video_dir = out_dir / "videos" / split
         video_dir.mkdir(parents=True, exist_ok=True)
-        wanted = {f"{record['id']}.mp4" for record, _ in items}
-        # Videos left by an earlier, larger config would otherwise linger unreferenced.
-        for stale in video_dir.glob(f"{split}_*.mp4"):
-            if stale.name not in wanted:
-                stale.unlink()
+        _remove_stale_videos(video_dir, split, {f"{record['id']}.mp4" for record, _ in items})
         for record, spec in items:
             tasks.append((str(out_dir / record["video"]), spec, cfg.num_frames, cfg.size, cfg.fps, cfg.bg_noise))
 
@@ -685,9 +776,8 @@ def generate(
         "concepts": table,
         "vocabulary": {attr: list(values) for attr, values in _VALUES.items()},
     }
-    tmp_meta = out_dir / f".{METADATA_NAME}.tmp"
-    tmp_meta.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_meta, out_dir / METADATA_NAME)
+    with atomic_path(out_dir / METADATA_NAME) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -702,12 +792,20 @@ def scaled_config(seed: int, scale: float = 1.0) -> SynthConfig:
 
 def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     """The dataset root ``cfg.root``; with ``cfg.synthvl`` a SynthVL dataset is generated there first
-    when absent or incomplete."""
+    when absent or incomplete.
+
+    Raises:
+        ForeignFolderError: ``cfg.synthvl`` is set and ``cfg.root`` holds files SynthVL did not write,
+            such as the user's own dataset (nothing is changed; the message names the settings to fix).
+    """
     root = Path(cfg.root)
     if cfg.synthvl:
-        synth_cfg = scaled_config(cfg.synthvl_seed, cfg.synthvl_scale)
-        if not is_complete(root, synth_cfg):
-            generate(root, synth_cfg, progress=progress)
+        _check_target(
+            root,
+            "To train on your own data in that folder set data.synthvl=false; to use SynthVL set data.root "
+            "to an empty or new folder.",
+        )
+        generate(root, scaled_config(cfg.synthvl_seed, cfg.synthvl_scale), progress=progress)
     elif not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist")
     return root

@@ -28,13 +28,18 @@ in distinct quadrants, same frame size and length as the dataset), a fifth as ma
 videos. Training counts are long-tailed (one 50%, two 25%, three 15%, four 10%).
 
 Files, next to the SynthVL JSONL (video paths relative to that folder): ``qa_<split>.jsonl`` (open-ended)
-and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.data.qa_records``.
+and ``qa_mc_<split>.jsonl`` (multiple choice), in the generic QA JSONL format of ``mama.data.qa_records``,
+and ``qa_synthvl.json`` (written last: the settings and the SynthVL dataset they were made for). They are
+only written into a folder SynthVL generation made (:func:`mama.data.synthvl.is_synthvl_folder`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,19 @@ from typing import Any
 import numpy as np
 
 from mama.data.records import read_jsonl, write_jsonl
-from mama.data.synthvl import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, shape_mask
+from mama.data.synthvl import (
+    BACKGROUNDS,
+    COLOURS,
+    METADATA_NAME,
+    MOTIONS,
+    SHAPES,
+    SIZES,
+    ForeignFolderError,
+    is_synthvl_folder,
+    shape_mask,
+)
 from mama.data.video import probe_video, write_video
+from mama.fileio import atomic_path
 
 __all__ = ["QTYPES", "is_current", "make_questions", "write_synthvl_qa"]
 
@@ -59,6 +75,7 @@ COUNT_PRIOR = (0.5, 0.25, 0.15, 0.10)  # training distribution of the number of 
 QTYPES = tuple(ANSWERS)
 QA_VERSION = 2  # bump when the questions change: older files are rewritten
 MAX_CANDIDATES = 5
+STAMP_NAME = "qa_synthvl.json"
 _SPLIT_SALT = {"train": 11, "meta": 12, "val": 13, "test": 14}
 
 
@@ -151,10 +168,16 @@ def render_count_clip(count: int, num_frames: int, frame_size: int, rng: np.rand
 def _count_records(
     root: Path, split: str, num: int, seed: int, num_frames: int, frame_size: int
 ) -> list[dict[str, Any]]:
-    """Render (once) the count clips of a split and return their records."""
+    """Render the count clips of a split and return their records. Count clips of this split that an
+    earlier, larger setting left are deleted; no other file in the folder is touched."""
     rng = np.random.default_rng([seed, _SPLIT_SALT[split], 2])
     folder = root / "videos" / "count"
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{split}_count_{i:05d}.mp4" for i in range(num)}
+    own = re.compile(rf"^{re.escape(split)}_count_\d{{5,}}\.mp4$")
+    for stale in folder.iterdir():
+        if own.match(stale.name) and stale.name not in wanted and stale.is_file():
+            stale.unlink()
     records = []
     for i in range(num):
         if split == "train":
@@ -163,8 +186,8 @@ def _count_records(
             count = 1 + i % 4  # evaluation: every count equally often (before balancing)
         clip_rng = np.random.default_rng([seed, _SPLIT_SALT[split], 3, i])
         video = folder / f"{split}_count_{i:05d}.mp4"
-        if not video.exists():
-            write_video(video, render_count_clip(count, num_frames, frame_size, clip_rng), fps=8)
+        # Rewritten every time: a clip left by other settings (seed, frame size) would not match its record.
+        write_video(video, render_count_clip(count, num_frames, frame_size, clip_rng), fps=8)
         records.append(
             {
                 "id": f"{split}_count_{i:05d}",
@@ -175,10 +198,29 @@ def _count_records(
     return records
 
 
-def write_synthvl_qa(root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3) -> dict[str, int]:
+def write_synthvl_qa(
+    root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3, progress: bool = True
+) -> dict[str, int]:
     """Write the QA files of every split next to the SynthVL dataset at ``root`` (rendering the count clips);
-    returns questions per file."""
+    returns questions per file. ``progress``: say on stderr what is written where.
+
+    Raises:
+        ForeignFolderError: ``root`` is not a folder SynthVL generation made (nothing is changed).
+        ValueError: the SynthVL dataset there is incomplete.
+    """
     root = Path(root)
+    if not is_synthvl_folder(root):
+        raise ForeignFolderError(
+            f"{root} is not a SynthVL folder made by mama, so no SynthVL QA files are written there; for your own "
+            "QA data set data.synthvl=false, for SynthVL QA set data.root to an empty or new folder"
+        )
+    fingerprint = _synthvl_fingerprint(root)
+    if fingerprint is None:
+        raise ValueError(
+            f"{root}: the SynthVL dataset there is incomplete ({METADATA_NAME} missing); generate it first"
+        )
+    if progress:
+        print(f"SynthVL QA: writing questions and count clips into {root}", file=sys.stderr, flush=True)
     counts = {}
     for split in _SPLIT_SALT:
         records = [r.to_dict(root) for r in read_jsonl(root / f"{split}.jsonl")]
@@ -190,19 +232,30 @@ def write_synthvl_qa(root: str | os.PathLike[str], seed: int = 0, noise_rate: fl
         write_jsonl(root / f"qa_{split}.jsonl", questions)
         write_jsonl(root / f"qa_mc_{split}.jsonl", mc)
         counts[f"qa_{split}"] = counts[f"qa_mc_{split}"] = len(questions)
-    # Written last: the files are complete, and made by this version with these settings.
-    (root / "qa_synthvl.json").write_text(json.dumps(_stamp(seed, noise_rate)))
+    # Written last: the files are complete, and made by this version with these settings for this dataset.
+    with atomic_path(root / STAMP_NAME) as tmp:
+        tmp.write_text(json.dumps(_stamp(seed, noise_rate, fingerprint)))
     return counts
 
 
-def _stamp(seed: int, noise_rate: float) -> dict[str, Any]:
-    return {"version": QA_VERSION, "seed": seed, "noise_rate": noise_rate}
+def _synthvl_fingerprint(root: Path) -> str | None:
+    """Digest of the SynthVL metadata at ``root`` (its settings): regenerated SynthVL makes the QA files stale."""
+    try:
+        return hashlib.sha256((root / METADATA_NAME).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _stamp(seed: int, noise_rate: float, fingerprint: str | None) -> dict[str, Any]:
+    return {"version": QA_VERSION, "seed": seed, "noise_rate": noise_rate, "synthvl": fingerprint}
 
 
 def is_current(root: str | os.PathLike[str], seed: int = 0, noise_rate: float = 0.3) -> bool:
-    """Whether ``root`` holds QA files written by this version with these settings."""
-    stamp = Path(root) / "qa_synthvl.json"
+    """Whether ``root`` holds QA files written by this version with these settings for its current SynthVL."""
+    root = Path(root)
+    fingerprint = _synthvl_fingerprint(root)
     try:
-        return json.loads(stamp.read_text()) == _stamp(seed, noise_rate)
+        stamp = json.loads((root / STAMP_NAME).read_text())
     except (OSError, ValueError):
         return False
+    return fingerprint is not None and stamp == _stamp(seed, noise_rate, fingerprint)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mama.config import ConfigError, ModelConfig, from_dict
+from mama.fileio import set_default_mode
 from mama.models.registry import create_model, load_tokenizer
 
 MAMA_VERSION = 1
@@ -67,9 +68,11 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        set_default_mode(tmp)  # mkdtemp and save_file are owner-only; a model is meant to be shared
         payload = {**(extra or {}), "mama_version": MAMA_VERSION, "model": dataclasses.asdict(model_cfg)}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         save_file(_state_for_safetensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        set_default_mode(tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_DIR)
         if folder.exists():
             # A directory cannot be renamed over a non-empty one: move the old one aside first, and delete it
@@ -86,14 +89,8 @@ def save_pretrained(
     return folder
 
 
-def from_pretrained(folder: str | Path) -> tuple[ModelConfig, nn.Module, Any]:
-    """Rebuild ``(model_cfg, model, tokenizer)`` saved by :func:`save_pretrained`; the model is in eval mode.
-
-    Offline: the registry builds the model from the saved tokenizer asset and the saved state dict is
-    loaded strictly (no pretrained weights are fetched).
-    """
-    from safetensors.torch import load_file
-
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a folder written by :func:`save_pretrained`, checked for completeness."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no saved model here (folder not found)")
@@ -108,10 +105,22 @@ def from_pretrained(folder: str | Path) -> tuple[ModelConfig, nn.Module, Any]:
     if not isinstance(payload, dict) or payload.get("mama_version") != MAMA_VERSION or "model" not in payload:
         raise ValueError(f"{config_path}: not a mama model config (expected mama_version {MAMA_VERSION} and 'model')")
     try:
-        model_cfg = from_dict(ModelConfig, payload["model"], "model")
+        return from_dict(ModelConfig, payload["model"], "model")
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+
+
+def from_pretrained(folder: str | Path) -> tuple[ModelConfig, nn.Module, Any]:
+    """Rebuild ``(model_cfg, model, tokenizer)`` saved by :func:`save_pretrained`; the model is in eval mode.
+
+    Offline: the registry builds the model from the saved tokenizer asset and the saved state dict is
+    loaded strictly (no pretrained weights are fetched).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    model_cfg = read_model_config(folder)
     tokenizer = load_tokenizer(model_cfg, folder / TOKENIZER_DIR)
     model = create_model(model_cfg, tokenizer)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return model_cfg, model.eval(), tokenizer
