@@ -44,7 +44,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mama.inference.embed import export_pretrained
 
-    out = export_pretrained(Path(args.checkpoint), Path(args.out))
+    out = export_pretrained(Path(args.checkpoint), Path(args.out), overwrite=args.overwrite)
     print(
         f"model written to {out} (load it with mama.inference.embed.Encoder.from_pretrained or `mama embed --model {out}`)"
     )
@@ -64,7 +64,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     info = build_index(
         encoder, videos, Path(args.out), texts, args.batch_size, args.workers, progress=not args.no_progress
     )
-    print(json.dumps({"index": args.out, **info}, indent=2))
+    summary = {key: value for key, value in info.items() if key not in ("files", "model_fingerprint")}
+    print(
+        json.dumps({"index": args.out, **summary, "model_fingerprint": info["model_fingerprint"]["sha256"]}, indent=2)
+    )
     return 0
 
 
@@ -72,6 +75,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from mama.inference.embed import search
 
     results = search(Path(args.index), args.queries, args.top_k)
+    shown = len(results[0]) if results else 0
+    if shown < args.top_k:  # to stderr, so that --json output stays one JSON document
+        print(
+            f"mama search: the index holds {shown} videos, fewer than --top-k {args.top_k}: all are shown",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([{"query": q, "results": r} for q, r in zip(args.queries, results, strict=True)], indent=2))
         return 0
@@ -225,6 +234,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -260,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a trained model as a self-contained folder (safetensors + config + tokenizer)"
     )
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoints/step_* folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing model folder at --out (atomically: the old one stays until the new one is complete)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("embed", help="embed videos (and captions) with a trained model into an index folder")
@@ -274,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=None, help="annotation file of a split (any data.format)")
     p.add_argument("--format", default="jsonl", help="annotation layout (see docs/datasets.md)")
     p.add_argument("--texts", action="store_true", help="also embed the annotations' human captions")
-    p.add_argument("--frames", type=int, default=None, help="frames per video (default: as trained)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--frames", type=_positive_int, default=None, help="frames per video (default: as trained)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="decoding worker processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_embed)
@@ -284,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="find the videos of an index that best match text queries")
     p.add_argument("queries", nargs="+", help="one or more text queries")
     p.add_argument("--index", required=True, help="index folder written by `mama embed`")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument(
+        "--top-k", type=_positive_int, default=10, help="results per query (all videos if the index holds fewer)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_search)
 
