@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -6,7 +7,21 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from mama.config import Config, ConfigError, load_config, resumable_fields, resume_changes, save_config, to_dict
+from mama.config import (
+    ANY_NUMBER,
+    DATASET_FORMAT_NAMES,
+    QA_FORMAT_NAMES,
+    RULES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    load_config,
+    resumable_fields,
+    resume_changes,
+    save_config,
+    to_dict,
+)
 from mama.data.datasets import DATASET_FORMATS
 from mama.data.qa_datasets import QA_FORMATS
 from mama.models import list_models
@@ -261,3 +276,197 @@ def test_resume_rejects_unknown_saved_keys() -> None:
     saved["train"]["removed_setting"] = 1
     with pytest.raises(ConfigError, match=r"train\.removed_setting"):
         resume_changes(saved, Config())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Range checks at load (mama.config.RULES and check_consistency)
+
+
+def _leaf_settings(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, type hint) of every setting that is not a section."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _leaf_settings(typing.cast(type, hint), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, hint))
+    return out
+
+
+def _base_types(hint: Any) -> set[Any]:
+    """The plain types a hint is made of: ``float | None`` -> {float, None}, ``list[str]`` -> {str}."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return {Literal}
+    if origin is not None:
+        return set().union(*(_base_types(arg) for arg in typing.get_args(hint)))
+    return {None if hint is type(None) else hint}
+
+
+SETTINGS = _leaf_settings()
+# Every number, and every string whose values are not fixed by a Literal type, needs a declared rule.
+NEEDS_RULE = [name for name, hint in SETTINGS if _base_types(hint) & {int, float, str}]
+NUMERIC = [name for name, hint in SETTINGS if _base_types(hint) & {int, float}]
+
+
+def test_every_numeric_and_string_setting_has_a_rule() -> None:
+    missing = sorted(set(NEEDS_RULE) - set(RULES))
+    assert not missing, f"declare the allowed values of {missing} in mama.config.RULES"
+    stale = sorted(set(RULES) - {name for name, _ in SETTINGS})
+    assert not stale, f"mama.config.RULES names settings that do not exist: {stale}"
+    assert "train.batch_size" in NUMERIC and "optim.backbone_lr" in NUMERIC and "data.format" in NEEDS_RULE
+
+
+def test_format_rules_list_the_readers() -> None:
+    assert set(DATASET_FORMAT_NAMES) == set(DATASET_FORMATS)
+    assert set(QA_FORMAT_NAMES) == set(QA_FORMATS)
+
+
+def _rejected_value(name: str) -> Any:
+    """A value the setting's rule refuses, preferring zero and negatives (where runs used to break)."""
+    rule = RULES[name]
+    for value in (-1, 0, -0.5, 0.5, 1, 2, 10**9):
+        if not rule.ok(value):
+            return value
+    return None
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_numeric_setting_out_of_range_fails_at_load_naming_key_value_and_range(name: str) -> None:
+    value = _rejected_value(name)
+    if value is None:
+        assert RULES[name] is ANY_NUMBER, f"{name}: a rule that allows every number should be ANY_NUMBER"
+    else:
+        # A float setting reads -1 as -1.0.
+        message = rf"^{re.escape(name)}: expected {re.escape(RULES[name].allowed)}, got {value!r}(\.0)?$"
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"{name}={value}"])
+    if float in _base_types(dict(SETTINGS)[name]):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)}: expected a finite number, got nan$"):
+            load_config(None, [f"{name}=.nan"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # Each failed deep inside the first steps, ran to completion on a meaningless value, or (eval.*)
+        # failed only after the whole training had run.
+        ("train.steps=0", r"^train\.steps: expected >= 1, got 0$"),
+        ("train.batch_size=0", r"^train\.batch_size: expected >= 1, got 0$"),
+        ("train.log_every=0", r"^train\.log_every: expected >= 1, got 0$"),
+        ("train.keep_last=0", r"^train\.keep_last: expected >= 1, got 0$"),
+        ("data.num_frames=0", r"^data\.num_frames: expected >= 1, got 0$"),
+        ("data.cached_frames=-1", r"^data\.cached_frames: expected >= 0, got -1$"),
+        ("model.heads=0", r"^model\.heads: expected >= 1, got 0$"),
+        ("model.embed_dim=0", r"^model\.embed_dim: expected >= 1, got 0$"),
+        ("optim.eps=0", r"^optim\.eps: expected > 0, got 0\.0$"),
+        ("optim.warmup_frac=1", r"^optim\.warmup_frac: expected in \[0, 1\), got 1\.0$"),
+        ("loss.margin=1.6", r"^loss\.margin: expected in \[0, pi/2\), got 1\.6$"),
+        ("meta.virtual_lr=0", r"^meta\.virtual_lr: expected > 0, got 0\.0$"),
+        ("eval.batch_size=0", r"^eval\.batch_size: expected >= 1, got 0$"),
+        ("eval.chunk_size=0", r"^eval\.chunk_size: expected >= 1, got 0$"),
+        ("data.format=webvid", r"^data\.format: expected one of 'jsonl', .*'lsmdc', got 'webvid'$"),
+        ("qa.format=msrvtt", r"^qa\.format: expected one of 'jsonl', .*, got 'msrvtt'$"),
+        ("train.device=gpu", r"^train\.device: expected 'auto', 'cpu', .*, got 'gpu'$"),
+        ("data.caption_sources=[]", r"^data\.caption_sources: expected a non-empty list"),
+        ("data.caption_sources=[human, web]", r"^data\.caption_sources: expected a non-empty list"),
+        ("train.out_dir=''", r"^train\.out_dir: expected a non-empty string, got ''$"),
+        ("train.seed=-1", r"^train\.seed: expected >= 0 and < 2\*\*63, got -1$"),
+    ],
+)
+def test_bad_settings_fail_at_load(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.yaml", {"train": {"batch_size": -4}})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.batch_size: expected >= 1, got -4$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.batch_size=10", "train.accum_steps=3"], r"train\.batch_size \(10\) must be divisible by train\.accum"),
+        (["data.frame_size=16"], r"data\.frame_size \(16\) must equal model\.frame_size \(32\)"),
+        (["data.num_frames=9", "model.max_frames=8"], r"data\.num_frames \(9\) must be <= model\.max_frames \(8\)"),
+        (
+            ["loss.init_logit_scale=6", "loss.max_logit_scale=1"],
+            r"loss\.init_logit_scale \(6\.0\) must be <= loss\.max",
+        ),
+        (["model.heads=3"], r"model\.width \(128\) must be divisible by model\.heads \(3\)"),
+        (["qa.fusion_heads=3"], r"qa\.fusion_width \(256\) must be divisible by qa\.fusion_heads \(3\)"),
+        (["model.temporal=seqTransf", "model.temporal_layers=0"], r"seqTransf' needs model\.temporal_layers >= 1"),
+        (["train.batch_size=1"], r"task 'retrieval' needs train\.batch_size >= 2, got 1"),
+        (["meta.enabled=true", "meta.batch_size=1"], r"meta\.enabled needs meta\.batch_size >= 2, got 1"),
+        (["data.test=''"], r"^data\.test: expected the test split's annotation file"),
+        (["task=qa", "qa.val=''"], r"^qa\.val: expected the val split's annotation file"),
+        (
+            ["eval.split=meta", "data.meta=''"],
+            r"^eval\.split 'meta' needs a meta split: set data\.meta .* data\.meta_holdout",
+        ),
+        (["meta.enabled=true", "data.meta=''"], r"^meta\.enabled needs a meta split"),
+        (["task=qa", "eval.split=meta", "qa.meta=''"], r"set qa\.meta \(an annotation file\) or qa\.meta_holdout > 0"),
+    ],
+)
+def test_settings_that_do_not_fit_together_fail_at_load(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_consistent_edge_values_load() -> None:
+    cfg = load_config(
+        None,
+        [
+            "meta.enabled=true",
+            "data.meta=''",
+            "data.meta_holdout=10",
+            "eval.split=meta",
+            "task=qa",
+            "train.batch_size=1",
+        ],
+    )
+    assert cfg.data.meta_holdout == 10 and cfg.train.batch_size == 1  # QA learns from a batch of one
+    cfg = load_config(None, ["optim.backbone_lr=0", "optim.grad_clip=0", "optim.warmup_frac=0", "loss.margin=0"])
+    assert cfg.optim.backbone_lr == 0.0  # a frozen backbone
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+
+
+def test_checkpoint_and_model_folder_configs_are_checked_too() -> None:
+    saved = to_dict(Config())
+    saved["eval"]["chunk_size"] = 0
+    with pytest.raises(ConfigError, match=r"^eval\.chunk_size: expected >= 1, got 0$"):
+        from_dict(Config, saved)
+    with pytest.raises(ConfigError, match=r"^eval\.chunk_size"):
+        resume_changes(saved, Config())
+    with pytest.raises(ConfigError, match=r"^model\.heads: expected >= 1, got 0$"):
+        from_dict(ModelConfig, {"heads": 0}, "model")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"train:\n  steps: 1\xff\n", "not UTF-8"),
+        (b"1: 2\ntrain: {}\n", r"unknown config key\(s\): 1;"),
+        (b"train:\n  null: 3\n", r"unknown config key\(s\): train\.None;"),
+        (b"train:\n  steps: 2024-13-01\n", "invalid YAML value: month must be in 1..12"),
+        (b"optim:\n  lr: " + b"1" * 400 + b"\n", r"optim\.lr: expected a finite number"),
+    ],
+)
+def test_unreadable_or_odd_yaml_is_a_config_error_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("override", ["train.steps=[", "train.steps=2024-13-01", "optim.lr=" + "9" * 400])
+def test_unparseable_override_values_are_config_errors(override: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, [override])

@@ -1,16 +1,19 @@
 """Typed configuration: dataclasses loaded from YAML, overridable with dotted ``key=value``.
 
-Unknown keys are errors (naming the dotted path), values are type-checked, and :func:`save_config`
-writes the resolved config as YAML next to every checkpoint.
+Unknown keys are errors (naming the dotted path), values are type-checked and range-checked
+(:data:`RULES`, plus the rules that tie settings together in :func:`check_consistency`) whenever a
+config is built from a dict: :func:`load_config`, a checkpoint's config on resume or evaluation, a
+model folder. :func:`save_config` writes the resolved config as YAML next to every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
@@ -221,6 +224,207 @@ class ConfigError(ValueError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------------
+# Allowed values. _coerce checks types; these rules check ranges and closed sets of strings, so that a
+# value at zero or below fails when the config loads, naming its key, instead of deep inside a run, after
+# it (an evaluation setting), or never (a run that "succeeds" on a nonsensical value). Every int, float
+# and free-form str setting has an entry (tests/test_config.py fails for a new one without); Literal
+# settings are checked by their type.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one setting: ``ok(value)`` decides, ``allowed`` says them in messages."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda v: v > low, f"> {low}")
+
+
+def within(low: float, high: float, high_name: str = "") -> Rule:
+    """``low <= value < high``; ``high_name`` says the bound in messages (default: its value)."""
+    return Rule(lambda v: low <= v < high, f"in [{low}, {high_name or high})")
+
+
+def one_of(*values: str) -> Rule:
+    return Rule(lambda v: v in values, "one of " + ", ".join(map(repr, values)))
+
+
+ANY_NUMBER = Rule(lambda v: True, "any finite number")
+ANY_TEXT = Rule(lambda v: True, "any string")  # a path or name checked where it is opened
+NONEMPTY = Rule(lambda v: bool(v.strip()), "a non-empty string")
+SEED = Rule(lambda v: 0 <= v < 2**63, ">= 0 and < 2**63")  # torch.manual_seed's range
+
+# The readers of mama.data.datasets.DATASET_FORMATS and mama.data.qa_datasets.QA_FORMATS, which this
+# foundation module may not import; tests/test_config.py checks that the lists agree.
+DATASET_FORMAT_NAMES = ("jsonl", "msrvtt", "msrvtt_clipvip", "didemo", "activitynet", "msvd", "lsmdc")
+QA_FORMAT_NAMES = ("jsonl", "msrvtt_qa", "msvd_qa", "tgif_qa", "nextqa", "causal_vidqa")
+
+# Dotted name -> allowed values; each bound is the one the code using the setting needs (or below which
+# the run means nothing: a learning rate of 0, a batch of 0 rows).
+RULES: dict[str, Rule] = {
+    "data.root": ANY_TEXT,
+    "data.format": one_of(*DATASET_FORMAT_NAMES),
+    "data.videos": ANY_TEXT,
+    "data.train": ANY_TEXT,  # the split files a task reads: check_consistency
+    "data.meta": ANY_TEXT,
+    "data.meta_holdout": at_least(0),
+    "data.val": ANY_TEXT,
+    "data.test": ANY_TEXT,
+    "data.lvlm_captions": ANY_TEXT,
+    "data.workers": at_least(0),
+    "data.cached_frames": at_least(0),
+    "data.synthvl_seed": SEED,
+    "data.synthvl_scale": above(0),
+    "data.num_frames": at_least(1),
+    "data.frame_size": at_least(1),
+    "data.caption_sources": Rule(
+        lambda v: bool(v) and set(v) <= {"human", "lvlm"}, "a non-empty list of 'human' and / or 'lvlm'"
+    ),
+    "model.name": ANY_TEXT,  # the model registry (mama.models) says which exist, when the model is built
+    "model.embed_dim": at_least(1),
+    "model.width": at_least(1),
+    "model.heads": at_least(1),
+    "model.video_layers": at_least(1),  # 0: each tower returns its [CLS] input, the same for every video
+    "model.text_layers": at_least(1),  # ... or caption
+    "model.stem_channels": at_least(1),
+    "model.frame_size": at_least(1),
+    "model.max_frames": at_least(1),
+    "model.max_text_length": at_least(3),  # the word tokenizer's start and end tokens and one word
+    "model.pretrained": ANY_TEXT,
+    "model.temporal_layers": at_least(0),  # seqTransf needs >= 1: check_consistency
+    "loss.margin": within(0, math.pi / 2, "pi/2"),  # radians; from pi/2 on, cos(theta - mu) favours right angles
+    "loss.init_logit_scale": at_least(0),  # mama.losses.LogitScale keeps the log scale in [0, max]
+    "loss.max_logit_scale": at_least(0),
+    "meta.hidden": at_least(1),
+    "meta.lr": above(0),
+    "meta.weight_decay": at_least(0),
+    "meta.virtual_lr": above(0),  # 0: no virtual step, so a meta-gradient of exactly 0
+    "meta.interval": at_least(1),
+    "meta.virtual_params": ANY_TEXT,
+    "meta.batch_size": at_least(1),
+    "meta.fd_step": above(0),
+    "optim.lr": above(0),
+    "optim.weight_decay": at_least(0),
+    "optim.beta1": within(0, 1),
+    "optim.beta2": within(0, 1),
+    "optim.eps": above(0),  # 0 divides by zero where a second moment is 0: NaN weights, "perfect" recall
+    "optim.warmup_frac": within(0, 1),
+    "optim.grad_clip": at_least(0),  # 0 disables clipping
+    "optim.backbone_lr": at_least(0),  # 0 freezes the pretrained backbone
+    "train.seed": SEED,
+    "train.steps": at_least(1),
+    "train.batch_size": at_least(1),
+    "train.accum_steps": at_least(1),
+    "train.out_dir": NONEMPTY,
+    "train.device": Rule(
+        lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:<n>'"
+    ),
+    "train.log_every": at_least(1),
+    "train.eval_every": at_least(0),  # 0: at the end only
+    "train.checkpoint_every": at_least(0),  # 0: at the end only
+    "train.keep_last": at_least(1),
+    "train.log_weights_every": at_least(0),  # 0: never
+    "train.threads": at_least(0),  # 0: torch's default
+    "eval.batch_size": at_least(1),
+    "eval.chunk_size": at_least(1),
+    "qa.num_answers": at_least(1),
+    "qa.fusion_layers": at_least(1),
+    "qa.fusion_width": at_least(1),
+    "qa.fusion_heads": at_least(1),
+    "qa.contrastive_weight": at_least(0),
+    "qa.dropout": within(0, 1),
+    "qa.format": one_of(*QA_FORMAT_NAMES),
+    "qa.train": ANY_TEXT,
+    "qa.meta": ANY_TEXT,
+    "qa.meta_holdout": at_least(0),
+    "qa.val": ANY_TEXT,
+    "qa.test": ANY_TEXT,
+    "qa.synthvl_noise_rate": within(0, 1),  # mama.data.synthvl_qa.make_questions
+}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is allowed for the setting ``name`` (a key of :data:`RULES`)."""
+    rule = RULES.get(name)
+    if rule is None or value is None:  # None: an optional setting left unset
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if not rule.ok(value):
+        raise ConfigError(f"{name}: expected {rule.allowed}, got {value!r}")
+
+
+def check_consistency(cfg: Config) -> None:
+    """Raise ConfigError, naming the settings, where settings that are each valid do not fit together."""
+    data, model, train = cfg.data, cfg.model, cfg.train
+    pairs = [
+        # (holds, message)
+        (
+            train.batch_size % train.accum_steps == 0,
+            f"train.batch_size ({train.batch_size}) must be divisible by train.accum_steps ({train.accum_steps}): "
+            "every micro-batch holds the same number of rows",
+        ),
+        (
+            data.frame_size == model.frame_size,
+            f"data.frame_size ({data.frame_size}) must equal model.frame_size ({model.frame_size})",
+        ),
+        (
+            data.num_frames <= model.max_frames,
+            f"data.num_frames ({data.num_frames}) must be <= model.max_frames ({model.max_frames})",
+        ),
+        (
+            cfg.loss.init_logit_scale <= cfg.loss.max_logit_scale,
+            f"loss.init_logit_scale ({cfg.loss.init_logit_scale}) must be <= loss.max_logit_scale "
+            f"({cfg.loss.max_logit_scale})",
+        ),
+        (
+            model.width % model.heads == 0,
+            f"model.width ({model.width}) must be divisible by model.heads ({model.heads})",
+        ),
+        (
+            cfg.qa.fusion_width % cfg.qa.fusion_heads == 0,
+            f"qa.fusion_width ({cfg.qa.fusion_width}) must be divisible by qa.fusion_heads ({cfg.qa.fusion_heads})",
+        ),
+        (
+            model.temporal != "seqTransf" or model.temporal_layers >= 1,
+            f"model.temporal 'seqTransf' needs model.temporal_layers >= 1, got {model.temporal_layers}",
+        ),
+    ]
+    if cfg.task == "retrieval":
+        # A contrastive batch of one pair has no negative: its loss is 0 and nothing is learnt.
+        pairs.append((train.batch_size >= 2, f"task 'retrieval' needs train.batch_size >= 2, got {train.batch_size}"))
+        pairs.append(
+            (
+                not cfg.meta.enabled or cfg.meta.batch_size >= 2,
+                f"task 'retrieval' with meta.enabled needs meta.batch_size >= 2, got {cfg.meta.batch_size}",
+            )
+        )
+    for holds, message in pairs:
+        if not holds:
+            raise ConfigError(message)
+    # Every split the run reads (train, val and test always; meta with meta weighting or as eval.split)
+    # needs its file, so that a bad eval.split fails now and not after training.
+    section, files, holdout = (
+        ("data", data, data.meta_holdout) if cfg.task == "retrieval" else ("qa", cfg.qa, cfg.qa.meta_holdout)
+    )
+    for split in ("train", "val", "test"):
+        if not getattr(files, split).strip():
+            raise ConfigError(f"{section}.{split}: expected the {split} split's annotation file, got ''")
+    if (cfg.meta.enabled or cfg.eval.split == "meta") and not files.meta.strip() and holdout <= 0:
+        why = "meta.enabled" if cfg.meta.enabled else "eval.split 'meta'"
+        raise ConfigError(
+            f"{why} needs a meta split: set {section}.meta (an annotation file) or {section}.meta_holdout > 0"
+        )
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -252,7 +456,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}") from None
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads "5e-4" (no dot) as a string.
         try:
@@ -270,14 +477,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    # str(): YAML also reads numbers, booleans and null as keys.
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         path = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s): {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    out = cls(**kwargs)
+    # Nested sections were range-checked by their own from_dict call (through _coerce).
+    for f in dataclasses.fields(cls):
+        check_value(f"{where}.{f.name}" if where else f.name, getattr(out, f.name))
+    if isinstance(out, Config):
+        check_consistency(out)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -329,8 +543,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}")
     return data
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a date such as 2024-13-01
+        raise ConfigError(f"{where}: invalid YAML value: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -339,11 +562,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+        loaded = _parse_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded or {}

@@ -10,14 +10,16 @@ import csv
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from annotation_fixtures import CASES
 
-from mama.data.datasets import DATASET_FORMATS, VIDEO_EXTENSIONS, VideoIndex, read_dataset
-from mama.data.records import Caption, VideoRecord
+from mama.data.datasets import DATASET_FORMATS, VIDEO_EXTENSIONS, VideoIndex, read_dataset, split_shortfall
+from mama.data.records import AnnotationError, Caption, VideoRecord
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -425,3 +427,108 @@ def test_blank_captions_are_dropped_with_one_warning_and_a_clip_needs_one(tmp_pa
         pytest.raises(ValueError, match=r"line 1: video 'm_clip3' has no non-blank caption"),
     ):
         read_dataset("lsmdc", path, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ids of the public annotation files, and damaged annotation files, for every reader
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_reader_finds_every_video_under_the_name_its_annotation_gives(name: str, tmp_path: Path) -> None:
+    case = CASES[name](tmp_path)
+    records = case.read()
+    if not case.videos:
+        assert records  # a caption file: no videos to find
+        return
+    found = {getattr(r, "video_id", r.id): r.video for r in records}  # QARecord: per question, by video id
+    assert found == case.videos
+
+
+def test_index_takes_an_id_that_names_a_file_as_it_is(tmp_path: Path) -> None:
+    _touch(
+        tmp_path,
+        "12345678@N00_123456.",  # DiDeMo names ending in a dot
+        "23456789@N00_234567..mp4",
+        "28359283@N00_2890011063.mts",  # extensions outside the usual few
+        "sub/88446593@N00_3539453563.M2TS",
+        "13773567@N08_3127434598.3g2",
+        "a.mov",
+        "a.mov.mp4",
+        "b.mp4",
+        "c.mp4",
+        "notes.txt",
+    )
+    index = VideoIndex(tmp_path)
+    assert index.find("12345678@N00_123456.") == tmp_path / "12345678@N00_123456."
+    assert index.find("23456789@N00_234567.") == tmp_path / "23456789@N00_234567..mp4"  # the id plus an extension
+    assert index.find("28359283@N00_2890011063.mts") == tmp_path / "28359283@N00_2890011063.mts"
+    assert index.find("28359283@N00_2890011063") == tmp_path / "28359283@N00_2890011063.mts"
+    assert index.find("88446593@N00_3539453563.m2ts") == tmp_path / "sub/88446593@N00_3539453563.M2TS"  # any case
+    assert index.find("13773567@N08_3127434598.3G2") == tmp_path / "13773567@N08_3127434598.3g2"
+    assert index.find("a.mov") == tmp_path / "a.mov"  # the file named, not the transcoded copy next to it
+    assert index.find("b.mov") == tmp_path / "b.mp4"  # a transcoded copy under the plain name
+    assert index.find("c.") is None  # a trailing dot is part of the name, never dropped
+    assert index.resolve("c.") == tmp_path / "c..mp4"
+    assert index.resolve("x.mts") == tmp_path / "x.mts"  # an absent id keeps its own extension
+    assert "notes" not in index and len(index) == 8  # videos only: not the extensionless file, nor notes.txt
+    assert {".mts", ".m2ts", ".3g2", ".ts", ".ogv", ".vob"} <= set(VIDEO_EXTENSIONS)
+
+
+def _break_utf8(data: bytes) -> tuple[bytes, int]:
+    """``data`` with a byte that is never UTF-8 put in its second line (or the middle of its only one)."""
+    newline = data.find(b"\n")
+    at = newline + 1 if 0 <= newline < len(data) - 1 else len(data) // 2
+    return data[:at] + b"\xff" + data[at:], data.count(b"\n", 0, at) + 1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_reader_names_file_and_line_of_undecodable_bytes(name: str, tmp_path: Path) -> None:
+    case = CASES[name](tmp_path)
+    for path, kind in case.files:
+        if kind == "pickle":
+            continue
+        valid = path.read_bytes()
+        broken, line = _break_utf8(valid)
+        path.write_bytes(broken)
+        with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}: line {line}: not UTF-8 text"):
+            case.read()
+        path.write_bytes(valid)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(
+    "content",
+    [b"[1, 2]", b'{"a": 1}', b'"text"', b"42", b"null", b"[[]]", b'{"x": [1.5, null]}\n[]\n', b"\x80\x03K\x01.", b""],
+)
+def test_every_reader_reports_wrong_types_and_garbage_as_annotation_errors(
+    name: str, content: bytes, tmp_path: Path
+) -> None:
+    case = CASES[name](tmp_path)
+    for path, _ in case.files:
+        valid = path.read_bytes()
+        path.write_bytes(content)
+        try:
+            case.read()
+        except AnnotationError as err:  # naming the file it is about (the damaged one, or one that refers to it)
+            assert any(str(err).startswith(f"{file}:") for file, _ in case.files), err
+        except FileNotFoundError as err:  # a damaged split of Causal-VidQA names videos without a QA/ folder
+            assert str(tmp_path) in str(err)
+        path.write_bytes(valid)
+
+
+def test_split_shortfall_states_the_protocol_count(tmp_path: Path) -> None:
+    annotation = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    assert split_shortfall("msrvtt", "test", annotation, 1000, 1000) is None
+    assert split_shortfall("didemo", "test", annotation, 1037, 1037) is None  # no fixed protocol count here
+    assert split_shortfall("msrvtt", "test", annotation, 1000, 973) == (
+        f"test: evaluating on 973 of the 1000 videos listed in {annotation} (27 missing or unreadable, skipped); "
+        "the MSR-VTT 1k-A test protocol has 1000, so these numbers are not comparable with published ones"
+    )
+    message = split_shortfall("didemo", "test", annotation, 1037, 995)
+    assert (
+        message
+        == f"test: evaluating on 995 of the 1037 videos listed in {annotation} (42 missing or unreadable, skipped)"
+    )
+    assert "protocol has 670" in str(split_shortfall("msvd", "test", annotation, 700, 700))  # a different list
+    assert split_shortfall("msvd", "val", annotation, 100, 100) is None
+    assert "4917" in str(split_shortfall("activitynet", "test", annotation, 4917, 4900))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from mama.data.qa_datasets import QA_FORMATS, read_qa_dataset
 from mama.data.qa_records import QARecord, question_word, read_qa_jsonl, write_qa_jsonl
+from mama.data.records import AnnotationError
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -604,3 +606,26 @@ def test_read_qa_dataset_dispatch(tmp_path: Path) -> None:
         read_qa_dataset("msrvtt_qa", tmp_path / "missing_qa.json", None)
     with pytest.raises(FileNotFoundError, match="video folder"):
         read_qa_dataset("msrvtt_qa", _msrvtt_qa(tmp_path), tmp_path / "no_videos")
+
+
+@pytest.mark.parametrize("video", ["../outside", "/etc", "a\\b", "..", "bad\x00id"])
+def test_causal_vidqa_split_ids_must_be_plain_folder_names(tmp_path: Path, video: str) -> None:
+    split = tmp_path / "split"
+    split.mkdir()
+    (tmp_path / "QA").mkdir()
+    (split / "train.pkl").write_bytes(pickle.dumps(["2VBmRPrfNZY_000000_000010", video]))
+    with pytest.raises(AnnotationError, match=r"train\.pkl: entry 2: .* is not a video id"):
+        read_qa_dataset("causal_vidqa", split / "train.pkl", None)
+
+
+def test_tgif_qa_undecodable_bytes_and_bad_pickles_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "Test_frameqa_question.csv"
+    path.write_bytes(b"gif_name\tquestion\tanswer\ttype\tvid_id\ttumblr_a\twhat is it\tcaf\xe9\t0\tFrameQA1\n")
+    with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}: line 1: not UTF-8 text"):
+        read_qa_dataset("tgif_qa", path, tmp_path)
+    split = tmp_path / "split" / "test.pkl"
+    split.parent.mkdir()
+    (tmp_path / "QA").mkdir()
+    split.write_bytes(b"\x80\x02]q\x00(X\x03\x00\x00\x00abcq\x01h\x05e.")  # a memo that was never stored
+    with pytest.raises(AnnotationError, match=r"test\.pkl: not a Causal-VidQA split"):
+        read_qa_dataset("causal_vidqa", split, None)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from mama.data.records import Caption, VideoRecord, read_jsonl, write_jsonl
+from mama.data.records import AnnotationError, Caption, VideoRecord, read_jsonl, write_jsonl
 
 
 def _good_line(record_id: str = "a") -> dict:
@@ -131,3 +132,28 @@ def test_lvlm_caption_file_errors_name_the_line(tmp_path: Path) -> None:
         read_lvlm_captions(path)
     with pytest.raises(FileNotFoundError, match="LVLM caption file not found"):
         read_lvlm_captions(tmp_path / "nope.jsonl")
+
+
+def test_undecodable_bytes_name_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    good = json.dumps(_good_line("a")).encode()
+    path.write_bytes(good + b"\n\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n")  # Latin-1, not UTF-8
+    with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}: line 3: not UTF-8 text \(invalid"):
+        read_jsonl(path)
+
+
+def test_bom_and_unicode_line_separators_inside_strings_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    line = {"id": "a", "video": "a.mp4", "captions": ["one\u2028two"]}  # JSON allows U+2028 unescaped
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(line, ensure_ascii=False).encode() + b"\r\n")
+    (record,) = read_jsonl(path)
+    assert record.captions[0].text == "one\u2028two"
+
+
+def test_wrong_json_types_are_annotation_errors(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    for line, problem in [("[1, 2]", "expected a JSON object, got list"), ('{"id": 3, "video": "a.mp4", "captions": ["x"]}', '"id" must be'),
+                          ("1" * 5000, "invalid JSON"), ("[" * 100000, "invalid JSON")]:  # fmt: skip
+        path.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}:1: .*{re.escape(problem)}"):
+            read_jsonl(path)

@@ -23,14 +23,15 @@ format             one split's annotation file                                re
 
 Every benchmark caption is ``Caption(text, source="human")``. Videos are looked up by id in a
 :class:`VideoIndex` of the ``videos`` folder; a video that is absent gets its expected path, so the
-loader can report and skip it instead of this module failing on a partly downloaded dataset.
+loader can report and skip it instead of this module failing on a partly downloaded dataset. A bad
+annotation file (not UTF-8, malformed JSON, CSV or pickle, a value of the wrong type, a missing field)
+raises :class:`mama.data.records.AnnotationError` naming the file and the line or entry.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import pickle
 import warnings
@@ -40,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mama.data.records import Caption, VideoRecord, read_jsonl
+from mama.data.records import AnnotationError, Caption, VideoRecord, parse_json, read_jsonl, read_text, text_lines
 
 __all__ = [
     "DATASET_FORMATS",
     "IMAGE_EXTENSIONS",
+    "PROTOCOL_TEST_VIDEOS",
     "VIDEO_EXTENSIONS",
     "Reader",
     "VideoIndex",
@@ -56,11 +58,15 @@ __all__ = [
     "read_msrvtt",
     "read_msrvtt_clipvip",
     "read_msvd",
+    "split_shortfall",
 ]
 
-# Lower case; matching ignores case (DiDeMo's Flickr videos come as .MOV, .AVI, ...).
+# Lower case; matching ignores case. DiDeMo's Flickr videos come as uploaded by phones and camcorders:
+# .MOV, .AVI, .MTS, .M2TS, .3G2, .MOD ... (its public val and test files name 20 distinct extensions).
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv",
+    ".mts", ".m2ts", ".ts", ".3g2", ".ogv", ".vob", ".mxf", ".asf", ".f4v", ".m2v", ".mpe", ".divx",
+    ".qt", ".dv", ".rm", ".rmvb", ".mod", ".tod",
 )  # fmt: skip
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
@@ -69,18 +75,33 @@ Reader = Callable[[Path, Path | None], list[VideoRecord]]
 
 
 def _video_suffix(name: str) -> str:
-    """The known video extension ``name`` ends with (as written), or ''."""
+    """The known video extension ``name`` ends with (as written), or ''. A trailing dot is part of the
+    name, not an extension (``"<flickr id>."`` has none)."""
     suffix = PurePosixPath(name).suffix
     return suffix if suffix.lower() in VIDEO_EXTENSIONS else ""
+
+
+def _name_key(name: str) -> str:
+    """A file name with its video extension in lower case: the key that matches ids case-insensitively
+    in the extension only (``x.MOV`` and ``x.mov``, never ``X.mov``)."""
+    suffix = _video_suffix(name)
+    return name[: len(name) - len(suffix)] + suffix.lower() if suffix else name
+
+
+def _preference(path: Path) -> tuple[int, int, str]:
+    """Sort key among paths that claim the same id: fewest components, then shortest, then alphabetical."""
+    return len(path.parts), len(str(path)), str(path)
 
 
 class VideoIndex:
     """Video id -> path for every video under ``root``, found by one recursive walk.
 
-    A video is either a file with an extension in :data:`VIDEO_EXTENSIONS` (id: the file stem) or a
-    *frame folder*, a directory whose (non-hidden) files are all images in :data:`IMAGE_EXTENSIONS`
-    (id: the folder name). Subfolders are searched too (LSMDC keeps one folder per movie), symlinked
-    folders included; hidden files and folders are ignored.
+    A video is either a file with an extension in :data:`VIDEO_EXTENSIONS` (id: the name without that
+    extension) or a *frame folder*, a directory whose (non-hidden) files are all images in
+    :data:`IMAGE_EXTENSIONS` (id: the folder name). Subfolders are searched too (LSMDC keeps one folder
+    per movie), symlinked folders included; hidden files and folders are ignored. Every other file is
+    indexed by its exact name, so an id that names a file as it is (``<flickr id>.`` or an extension
+    outside the list) finds it too; see :meth:`find`.
 
     When an id occurs twice, video files win over frame folders, then the path with the fewest
     components (then the shortest, then the alphabetically first); one warning lists the clashes.
@@ -96,13 +117,21 @@ class VideoIndex:
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {self.root} does not exist or is not a folder")
         found: dict[str, list[tuple[int, Path]]] = {}
+        files: dict[str, list[Path]] = {}
         for path, is_frames in self._walk():
-            video_id = path.name if is_frames else path.stem
-            found.setdefault(video_id, []).append((int(is_frames), path))
+            if is_frames:
+                found.setdefault(path.name, []).append((1, path))
+                continue
+            files.setdefault(_name_key(path.name), []).append(path)
+            suffix = _video_suffix(path.name)
+            if suffix:
+                found.setdefault(path.name[: -len(suffix)], []).append((0, path))
+        # Exact file names (video extension case-folded): an id that names a file is used as it is.
+        self._files = {name: min(paths, key=_preference) for name, paths in files.items()}
         self._paths: dict[str, Path] = {}
         clashes: list[str] = []
         for video_id, candidates in found.items():
-            best = min(candidates, key=lambda c: (c[0], len(c[1].parts), len(str(c[1])), str(c[1])))
+            best = min(candidates, key=lambda c: (c[0], *_preference(c[1])))
             self._paths[video_id] = best[1]
             if len(candidates) > 1:
                 clashes.append(f"{video_id!r} ({len(candidates)}x, using {best[1]})")
@@ -115,7 +144,8 @@ class VideoIndex:
             )
 
     def _walk(self) -> Iterator[tuple[Path, bool]]:
-        """Yield (path, is_frame_folder) for every video under root, in a deterministic order."""
+        """Yield (path, is_frame_folder) for every frame folder and every file that is not an image
+        under root, in a deterministic order."""
         visited: set[tuple[int, int]] = set()
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             stat = os.stat(dirpath)
@@ -129,8 +159,9 @@ class VideoIndex:
             folder = Path(dirpath)
             if folder != self.root and files and all(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files):
                 yield folder, True
+                continue
             for name in files:
-                if Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     yield folder / name, False
 
     def __len__(self) -> int:
@@ -146,12 +177,18 @@ class VideoIndex:
     def find(self, video_id: str) -> Path | None:
         """The path of ``video_id``, or None when it is not under root.
 
-        The id may carry a folder prefix (only its last component is used) and a video extension
-        (DiDeMo's ``"<flickr id>.mov"``): the id is tried as written first, so a transcoded
-        ``<name>.mov.mp4`` matches, then without the extension, so ``<name>.mov`` or ``<name>.mp4`` does.
+        The id may carry a folder prefix (only its last component is used). In order:
+
+        1. a file named exactly the id (DiDeMo's ``"<flickr id>.mov"``, ``"<flickr id>.mts"`` or
+           ``"<flickr id>."``), its video extension matched in any case (``.MOV`` for ``.mov``);
+        2. the id plus any video extension, or a frame folder named the id (``video0`` ->
+           ``video0.mp4``; a transcoded ``<name>.mov.mp4``; ``<name>.`` -> ``<name>..mp4``);
+        3. the id less its video extension plus any other (``<name>.mov`` -> ``<name>.mp4``).
+
+        A trailing dot is part of the id and never dropped.
         """
         name = PurePosixPath(video_id).name
-        path = self._paths.get(name)
+        path = self._files.get(_name_key(name)) or self._paths.get(name)
         suffix = _video_suffix(name)
         if path is None and suffix:
             path = self._paths.get(name[: -len(suffix)])
@@ -184,11 +221,14 @@ class VideoIndex:
 
 @contextmanager
 def located_errors(path: Path, where: str) -> Iterator[None]:
-    """Prefix any ValueError raised inside with the file and the line or entry it concerns."""
+    """Turn any ValueError raised inside into an :class:`AnnotationError` naming the file and the line
+    or entry it concerns (one that already is an AnnotationError names its own file and passes as is)."""
     try:
         yield
+    except AnnotationError:
+        raise
     except ValueError as err:
-        raise ValueError(f"{path}: {where}: {err}") from err
+        raise AnnotationError(f"{path}: {where}: {err}") from err
 
 
 def typed_field(obj: Any, keys: str | Sequence[str], kind: type | tuple[type, ...]) -> Any:
@@ -215,48 +255,51 @@ def _auxiliary_file(annotations: Path, name: str, format: str) -> Path:
 
 
 def load_json(path: Path) -> Any:
-    """The JSON document in ``path``; invalid JSON raises ValueError naming the file."""
-    with path.open("r", encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON: {err}") from err
+    """The JSON document in ``path``; bytes that are not UTF-8 or invalid JSON raise
+    :class:`AnnotationError` naming the file (and the line)."""
+    return _parse_document(path, read_text(path))
+
+
+def _parse_document(path: Path, text: str) -> Any:
+    try:
+        return parse_json(text)
+    except ValueError as err:  # its message gives the line and column
+        raise AnnotationError(f"{path}: {err}") from None
 
 
 def read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, object) for a JSON list or a JSON-lines file, whichever ``path`` holds."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON: {err}") from err
+        rows = _parse_document(path, text)
         yield from ((f"entry {i}", row) for i, row in enumerate(rows))
         return
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(text_lines(text), start=1):
         if line.strip():
             with located_errors(path, f"line {line_no}"):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"invalid JSON: {err}") from err
+                row = parse_json(line)
             yield f"line {line_no}", row
 
 
-def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and (line number, row) pairs of a comma-separated file with a header line."""
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
+def read_csv_rows(
+    path: Path, delimiter: str = ",", quoted: bool = True
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (line number, row) pairs of a comma-separated (or ``delimiter``-separated) file with a
+    header line, its cells ``quoted`` or not; a bad line raises :class:`AnnotationError` naming the file
+    and the line."""
+    # newline="": the csv module finds line ends itself, inside quoted cells too.
+    text = io.StringIO(read_text(path), newline="")
+    reader = csv.DictReader(text, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
+    rows = []
+    try:
         header = list(reader.fieldnames or [])
-        rows = []
-        try:
-            for row in reader:
-                # DictReader puts surplus cells under None and fills missing ones with None.
-                if None in row or any(value is None for value in row.values()):
-                    raise ValueError(f"{path}: line {reader.line_num}: expected {len(header)} columns {header}")
-                rows.append((reader.line_num, row))
-        except csv.Error as err:
-            raise ValueError(f"{path}: line {reader.line_num}: {err}") from err
+        for row in reader:
+            # DictReader puts surplus cells under None and fills missing ones with None.
+            if None in row or any(value is None for value in row.values()):
+                raise AnnotationError(f"{path}: line {reader.line_num}: expected {len(header)} columns {header}")
+            rows.append((reader.line_num, row))
+    except csv.Error as err:
+        raise AnnotationError(f"{path}: line {reader.line_num}: {err}") from err
     return header, rows
 
 
@@ -315,7 +358,7 @@ class _RecordBuilder:
         records = []
         for video_id, pending in self._videos.items():
             if not pending.texts:
-                raise ValueError(f"{path}: {pending.where}: video {video_id!r} has no non-blank caption")
+                raise AnnotationError(f"{path}: {pending.where}: video {video_id!r} has no non-blank caption")
             meta = dict(pending.meta)
             texts = pending.texts
             if self.paragraph:
@@ -375,7 +418,7 @@ def read_msrvtt(annotations: Path, videos: Path | None) -> list[VideoRecord]:
                     raise ValueError(f"video {row['video_id']!r} has no caption in {data_path}")
                 builder.add(row["video_id"], sentences[row["video_id"]], where)
     else:
-        raise ValueError(
+        raise AnnotationError(
             f"{annotations}: expected a 'video_id' column (train list) or 'video_id' and 'sentence' columns "
             f"(1k-A test), found {header}"
         )
@@ -406,7 +449,7 @@ def read_didemo(annotations: Path, videos: Path | None) -> list[VideoRecord]:
     """
     data = load_json(annotations)
     if not isinstance(data, list):
-        raise ValueError(f"{annotations}: expected a JSON list of moments, got {type(data).__name__}")
+        raise AnnotationError(f"{annotations}: expected a JSON list of moments, got {type(data).__name__}")
     builder = _RecordBuilder(merge=True, paragraph=True)
     for i, moment in enumerate(data):
         where = f"entry {i}"
@@ -439,7 +482,7 @@ def read_activitynet(annotations: Path, videos: Path | None) -> list[VideoRecord
     """
     data = load_json(annotations)
     if not isinstance(data, dict):
-        raise ValueError(f"{annotations}: expected a JSON object of videos, got {type(data).__name__}")
+        raise AnnotationError(f"{annotations}: expected a JSON object of videos, got {type(data).__name__}")
     builder = _RecordBuilder(paragraph=True)
     for video_id, item in data.items():
         where = f"video {video_id!r}"
@@ -467,12 +510,19 @@ class DataOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only dicts, lists and strings are allowed")
 
 
-def _load_caption_pickle(path: Path) -> Any:
+def load_data_pickle(path: Path, what: str) -> Any:
+    """Unpickle plain containers and strings only (:class:`DataOnlyUnpickler`); anything else in
+    ``path`` raises :class:`AnnotationError` saying it is not ``what``."""
+    data = path.read_bytes()
     try:
         # utf-8: Python 2 pickles store str as bytes; the default ASCII would fail on accented words.
-        return DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
-    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a captions pickle: {err}") from err
+        return DataOnlyUnpickler(io.BytesIO(data), encoding="utf-8").load()
+    except Exception as err:  # damaged bytes fail in open-ended ways (IndexError, TypeError, ...)
+        raise AnnotationError(f"{path}: not {what}: {err or type(err).__name__}") from err
+
+
+def _load_caption_pickle(path: Path) -> Any:
+    return load_data_pickle(path, "a captions pickle")
 
 
 def _join_tokens(caption: Any) -> Any:
@@ -492,9 +542,9 @@ def read_msvd(annotations: Path, videos: Path | None) -> list[VideoRecord]:
     captions_path = _auxiliary_file(annotations, "raw-captions.pkl", "msvd")
     captions = _load_caption_pickle(captions_path)
     if not isinstance(captions, dict):
-        raise ValueError(f"{captions_path}: expected a dict video id -> captions, got {type(captions).__name__}")
+        raise AnnotationError(f"{captions_path}: expected a dict video id -> captions, got {type(captions).__name__}")
     builder = _RecordBuilder()
-    for line_no, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text_lines(read_text(annotations)), start=1):
         video_id = line.strip()
         if not video_id:
             continue
@@ -519,18 +569,17 @@ def read_lsmdc(annotations: Path, videos: Path | None) -> list[VideoRecord]:
     clip's first line go to meta. Clips live in per-movie subfolders, which the index searches.
     """
     builder = _RecordBuilder(merge=True)
-    with annotations.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"line {line_no}"
-            with located_errors(annotations, where):
-                cells = line.rstrip("\r\n").split("\t")
-                if len(cells) != len(_LSMDC_COLUMNS):
-                    raise ValueError(f"expected {len(_LSMDC_COLUMNS)} tab-separated columns, got {len(cells)}")
-                row = dict(zip(_LSMDC_COLUMNS, cells, strict=True))
-                times = {key: row[key] for key in _LSMDC_COLUMNS[1:5]}
-                builder.add(row["clip_id"], [row["sentence"]], where, times)
+    for line_no, line in enumerate(text_lines(read_text(annotations)), start=1):
+        if not line.strip():
+            continue
+        where = f"line {line_no}"
+        with located_errors(annotations, where):
+            cells = line.split("\t")
+            if len(cells) != len(_LSMDC_COLUMNS):
+                raise ValueError(f"expected {len(_LSMDC_COLUMNS)} tab-separated columns, got {len(cells)}")
+            row = dict(zip(_LSMDC_COLUMNS, cells, strict=True))
+            times = {key: row[key] for key in _LSMDC_COLUMNS[1:5]}
+            builder.add(row["clip_id"], [row["sentence"]], where, times)
     return builder.build(annotations, video_index_for(annotations, videos))
 
 
@@ -577,10 +626,47 @@ def read_dataset(
         (see :meth:`VideoIndex.resolve`); the loader reports and skips it.
 
     Raises:
-        ValueError: unknown format, or a bad line or entry (the message names the file and where).
+        AnnotationError: a bad line or entry (the message names the file and where).
+        ValueError: unknown format.
         FileNotFoundError: the annotation file, a needed auxiliary file or the videos folder is missing.
     """
     reader = DATASET_FORMATS.get(format)
     if reader is None:
         raise ValueError(f"unknown dataset format {format!r}; known formats: {', '.join(DATASET_FORMATS)}")
     return reader(Path(annotations), None if videos is None else Path(videos))
+
+
+# Videos in the test split of a benchmark's standard protocol, where its annotation file fixes the count
+# (docs/datasets.md): MSR-VTT 1k-A (JSFusion), MSVD's CLIP4Clip test list, LSMDC's public test, and
+# ActivityNet Captions val_1, the split paragraph retrieval reports on.
+PROTOCOL_TEST_VIDEOS: dict[str, tuple[str, int]] = {
+    "msrvtt": ("MSR-VTT 1k-A test", 1000),
+    "msvd": ("MSVD test", 670),
+    "lsmdc": ("LSMDC test", 1000),
+    "activitynet": ("ActivityNet Captions val_1", 4917),
+}
+
+
+def split_shortfall(format: str, split: str, annotation: Path, listed: int, kept: int) -> str | None:
+    """What to tell the user when an evaluation split lost videos, or its size is not the protocol's.
+
+    Args:
+        format: the split's ``data.format``.
+        split: "val" or "test" (the protocol size is stated for "test" only).
+        annotation: the split's annotation file.
+        listed: records read from it; ``kept``: those whose video was found and decoded.
+
+    Returns:
+        A message (for a warning) or None when every listed video is there and the protocol's count,
+        where known, matches.
+    """
+    protocol = PROTOCOL_TEST_VIDEOS.get(format) if split == "test" else None
+    if kept == listed and (protocol is None or protocol[1] == listed):
+        return None
+    message = f"{split}: evaluating on {kept} of the {listed} videos listed in {annotation}" + (
+        f" ({listed - kept} missing or unreadable, skipped)" if kept < listed else ""
+    )
+    if protocol is not None:
+        name, expected = protocol
+        message += f"; the {name} protocol has {expected}, so these numbers are not comparable with published ones"
+    return message

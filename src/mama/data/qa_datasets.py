@@ -19,22 +19,20 @@ format            one split's annotation file                              quest
 ================  =======================================================  ==============================
 
 Videos are looked up by id in a :class:`VideoIndex` of the ``videos`` folder (default: the annotation
-file's folder); a video that is absent gets its expected path, so the loader can report and skip it.
+file's folder); a video that is absent gets its expected path, so the loader can report and skip it. A
+bad annotation file raises :class:`mama.data.records.AnnotationError` naming the file and where.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mama.data.datasets import (
-    DataOnlyUnpickler,
     VideoIndex,
+    load_data_pickle,
     load_json,
     located_errors,
     read_csv_rows,
@@ -42,6 +40,7 @@ from mama.data.datasets import (
     video_index_for,
 )
 from mama.data.qa_records import QARecord, question_word, read_qa_jsonl
+from mama.data.records import AnnotationError, read_text, text_lines
 
 __all__ = [
     "CAUSAL_VIDQA_QTYPES",
@@ -123,7 +122,7 @@ def _int_cell(value: Any, name: str) -> int:
 def _check_columns(path: Path, header: Sequence[str], required: Sequence[str]) -> None:
     missing = [c for c in required if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; found {list(header)}")
+        raise AnnotationError(f"{path}: missing columns {missing}; found {list(header)}")
 
 
 def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -132,26 +131,7 @@ def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     Like :func:`mama.data.datasets.read_csv_rows`, but tab-separated and without quoting: TGIF-QA's cells
     are never quoted and its questions and candidates contain stray ``"`` characters.
     """
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(reader.fieldnames or [])
-        rows = []
-        try:
-            for row in reader:
-                if None in row or any(value is None for value in row.values()):
-                    raise ValueError(f"{path}: line {reader.line_num}: expected {len(header)} columns {header}")
-                rows.append((reader.line_num, row))
-        except csv.Error as err:
-            raise ValueError(f"{path}: line {reader.line_num}: {err}") from err
-    return header, rows
-
-
-def _load_data_pickle(path: Path, what: str) -> Any:
-    """Unpickle plain containers and strings only (no class or function is ever looked up)."""
-    try:
-        return DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
-    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not {what}: {err}") from err
+    return read_csv_rows(path, delimiter="\t", quoted=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,7 +144,7 @@ def _read_msqa(
     """The questions of an MSRVTT-QA / MSVD-QA JSON list; ``video_names(N)``: the aliases of video N."""
     data = load_json(annotations)
     if not isinstance(data, list):
-        raise ValueError(f"{annotations}: expected a JSON list of questions, got {type(data).__name__}")
+        raise AnnotationError(f"{annotations}: expected a JSON list of questions, got {type(data).__name__}")
     questions = _Questions()
     for i, entry in enumerate(data):
         where = f"entry {i}"
@@ -206,7 +186,7 @@ _MSVD_MAPPING = "youtube_mapping.txt"
 def _msvd_mapping(path: Path) -> dict[str, str]:
     """``youtube_mapping.txt``: one ``<YouTube clip name> vid<N>`` pair per line -> {vid<N>: clip name}."""
     mapping: dict[str, str] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         with located_errors(path, f"line {line_no}"):
@@ -323,12 +303,12 @@ def read_tgif_qa(annotations: Path, videos: Path | None) -> list[QARecord]:
                     meta={"task": "frameqa", **({"key": row["key"]} if "key" in row else {})},
                 )
     elif header[:2] == ["gif_name", "question"] and "answer" in header:
-        raise ValueError(
+        raise AnnotationError(
             f"{annotations}: this is TGIF-QA Count (columns {header}), a regression task scored by mean "
             "squared error; only FrameQA, Action and Transition are read"
         )
     else:
-        raise ValueError(
+        raise AnnotationError(
             f"{annotations}: expected TGIF-QA FrameQA columns {list(_TGIF_FRAMEQA_COLUMNS)} or Action / "
             f"Transition columns {list(_TGIF_MC_COLUMNS)} (tab-separated), found {header}"
         )
@@ -369,7 +349,7 @@ def read_nextqa(annotations: Path, videos: Path | None) -> list[QARecord]:
     if map_path.is_file():
         vidor = load_json(map_path)
         if not isinstance(vidor, dict):
-            raise ValueError(f"{map_path}: expected a JSON object video -> '<folder>/<video>'")
+            raise AnnotationError(f"{map_path}: expected a JSON object video -> '<folder>/<video>'")
     questions = _Questions()
     for line_no, row in rows:
         where = f"line {line_no}"
@@ -424,11 +404,17 @@ _CAUSAL_PARTS = (
 def _causal_split(path: Path) -> list[str]:
     """The video ids of a split file: a pickled list of strings, or a text file with one id per line."""
     if path.suffix.lower() == ".pkl":
-        ids = _load_data_pickle(path, "a Causal-VidQA split (a pickled list of video ids)")
+        ids = load_data_pickle(path, "a Causal-VidQA split (a pickled list of video ids)")
         if not isinstance(ids, (list, tuple, set)) or not all(isinstance(i, str) for i in ids):
-            raise ValueError(f"{path}: expected a pickled list of video id strings, got {type(ids).__name__}")
-        return list(ids)
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise AnnotationError(f"{path}: expected a pickled list of video id strings, got {type(ids).__name__}")
+        ids = list(ids)
+    else:
+        ids = [line.strip() for line in text_lines(read_text(path)) if line.strip()]
+    for i, video in enumerate(ids, start=1):
+        # The id names a folder under QA/: a path (or a byte the file system refuses) would read elsewhere.
+        if not video.strip() or video in (".", "..") or any(c in video for c in "/\\\0"):
+            raise AnnotationError(f"{path}: entry {i}: {video!r} is not a video id (a plain folder name)")
+    return ids
 
 
 def _causal_qa_folder(annotations: Path) -> Path:
@@ -534,7 +520,8 @@ def read_qa_dataset(
         (see :meth:`VideoIndex.resolve`); the loader reports and skips its questions.
 
     Raises:
-        ValueError: unknown format, or a bad line or entry (the message names the file and where).
+        AnnotationError: a bad line or entry (the message names the file and where).
+        ValueError: unknown format.
         FileNotFoundError: the annotation file, a needed auxiliary file or the videos folder is missing.
     """
     reader = QA_FORMATS.get(format)

@@ -217,8 +217,9 @@ def read_qa_jsonl(path: str | os.PathLike[str], videos: str | os.PathLike[str] |
         The questions in file order; a line with ``"candidates"`` is multiple choice.
 
     Raises:
-        ValueError: a bad line (invalid JSON, a missing field, candidates that do not agree with
-            ``answer`` / ``answer_index``, a duplicate id); the message names the file and line.
+        mama.data.records.AnnotationError: a bad line (not UTF-8, invalid JSON, a missing field,
+            candidates that do not agree with ``answer`` / ``answer_index``, a duplicate id); the message
+            names the file and line.
         FileNotFoundError: the file, or the ``videos`` folder, does not exist.
     """
     path = Path(path)

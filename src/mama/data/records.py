@@ -13,6 +13,7 @@ JSONL format, one object per line (blank lines are ignored)::
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -22,20 +23,77 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mama.fileio import set_default_mode
+
 __all__ = [
     "CAPTION_SOURCES",
     "NOISE_KINDS",
+    "AnnotationError",
     "Caption",
     "VideoRecord",
     "add_lvlm_captions",
+    "parse_json",
     "read_jsonl",
     "read_lvlm_captions",
+    "read_text",
+    "text_lines",
     "write_jsonl",
 ]
 
 CAPTION_SOURCES = ("human", "lvlm")
 # Ground-truth noise labels exist only for synthetic data; real data is always "none".
 NOISE_KINDS = ("none", "vague", "hallucinated")
+
+
+class AnnotationError(ValueError):
+    """A bad annotation file: its message starts with the file and says where in it (``line 3``,
+    ``entry 12``, a JSON key) and what is wrong.
+
+    Every annotation reader (this module, :mod:`mama.data.datasets`, :mod:`mama.data.qa_datasets`,
+    :mod:`mama.data.qa_records`) raises it for undecodable bytes, malformed JSON, CSV or pickles, values
+    of the wrong type and missing fields; a missing file stays a FileNotFoundError. It is a ValueError,
+    so code that caught those keeps working.
+    """
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped, as Excel writes one).
+
+    Raises:
+        AnnotationError: bytes that are not UTF-8, naming the file, the line and the byte offset.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise AnnotationError(
+            f"{path}: line {line}: not UTF-8 text ({err.reason}: byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of ``text``, split at line feeds only (a trailing carriage return dropped).
+
+    Not ``str.splitlines``: it also splits at U+2028 and other separators that JSON strings may hold
+    unescaped, which would cut a JSON line in two.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads``, with every way it fails on bad input (invalid JSON, a number of more than 4300
+    digits, nesting deeper than the interpreter's recursion limit) raised as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError as err:  # json.JSONDecodeError is one
+        raise ValueError(f"invalid JSON: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -141,31 +199,28 @@ def read_jsonl(path: str | os.PathLike[str], root: str | os.PathLike[str] | None
         The records in file order.
 
     Raises:
-        ValueError: for any bad line (invalid JSON, missing ``video``, empty captions, unknown caption
-            source or noise, duplicate id); the message names the file and the 1-based line number.
+        AnnotationError: for any bad line (not UTF-8, invalid JSON, missing ``video``, empty captions,
+            unknown caption source or noise, duplicate id); the message names the file and the 1-based
+            line number.
+        FileNotFoundError: the file does not exist.
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     records: list[VideoRecord] = []
     first_line_of_id: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from err
-            try:
-                record = _parse_line(obj, root)
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: {err}") from err
-            if record.id in first_line_of_id:
-                raise ValueError(
-                    f"{path}:{line_no}: duplicate id {record.id!r} (first seen on line {first_line_of_id[record.id]})"
-                )
-            first_line_of_id[record.id] = line_no
-            records.append(record)
+    for line_no, line in enumerate(text_lines(read_text(path)), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _parse_line(parse_json(line), root)
+        except ValueError as err:
+            raise AnnotationError(f"{path}:{line_no}: {err}") from err
+        if record.id in first_line_of_id:
+            raise AnnotationError(
+                f"{path}:{line_no}: duplicate id {record.id!r} (first seen on line {first_line_of_id[record.id]})"
+            )
+        first_line_of_id[record.id] = line_no
+        records.append(record)
     return records
 
 
@@ -192,8 +247,7 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600 files; datasets are meant to be readable by others.
-        os.chmod(tmp_name, 0o644)
+        set_default_mode(tmp_name)  # mkstemp creates 0600 files; datasets are meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -207,30 +261,31 @@ def read_lvlm_captions(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     One JSON object per line with at least ``"video_id"`` and ``"captions"`` (a list of strings); other
     keys (model, prompt, generation settings, keyframes) are ignored here. A video listed on several
     lines (e.g. merged shards) gets the captions of all of them, without duplicates. A truncated last
-    line (a job killed mid-write) is skipped with a warning; any other bad line is an error naming the
-    file and line.
+    line (a job killed mid-write) is skipped with a warning; any other bad line is an error
+    (:class:`AnnotationError`) naming the file and line.
     """
     path = Path(path)
     captions: dict[str, list[str]] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: LVLM caption file not found") from None
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            if line_no == len(lines):
+            obj = parse_json(line)
+        except ValueError as err:
+            if line_no == last:
                 warnings.warn(f"{path}:{line_no}: ignoring a truncated last line ({err})", stacklevel=2)
                 continue
-            raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from err
+            raise AnnotationError(f"{path}:{line_no}: {err}") from err
         video_id, texts = (obj.get("video_id"), obj.get("captions")) if isinstance(obj, dict) else (None, None)
         if not isinstance(video_id, str) or not video_id:
-            raise ValueError(f'{path}:{line_no}: missing or empty "video_id"')
+            raise AnnotationError(f'{path}:{line_no}: missing or empty "video_id"')
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f'{path}:{line_no}: "captions" must be a list of strings')
+            raise AnnotationError(f'{path}:{line_no}: "captions" must be a list of strings')
         pool = captions.setdefault(video_id, [])
         pool.extend(t.strip() for t in texts if t.strip() and t.strip() not in pool)
     return captions

@@ -10,7 +10,7 @@ from typing import Any
 
 from mama.config import Config, ConfigError
 from mama.data.clips import ClipSet, load_clipset
-from mama.data.datasets import read_dataset
+from mama.data.datasets import read_dataset, split_shortfall
 from mama.data.meta_split import hold_out_balanced
 from mama.data.records import VideoRecord, add_lvlm_captions, read_lvlm_captions
 from mama.data.synthvl import ensure_dataset
@@ -107,6 +107,13 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
             pixel_std=spec.pixel_std,
             progress=progress,
         )
+        if name in ("val", "test"):
+            # A shrinking evaluation set changes every metric: say so, with the protocol's count.
+            shortfall = split_shortfall(
+                cfg.data.format, name, root / files[name], len(records[name]), len(loaded[name])
+            )
+            if shortfall:
+                warnings.warn(shortfall, stacklevel=2)
     return RunData(tokenizer, loaded)
 
 
