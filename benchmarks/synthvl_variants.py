@@ -55,7 +55,7 @@ def run_one(name: str, seed: int, out: Path, margin: float, threads: int) -> dic
     if metrics_path.exists():
         return json.loads(metrics_path.read_text())
     cfg = variant_config(
-        None, variant, seed, out, [*extra, f"train.threads={threads}", "train.progress=false"], False, margin
+        None, variant, seed, out, [*extra, f"train.threads={threads}", "train.progress=false"], [], margin
     )
     cfg.train.out_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     out = Path(args.out)
     # Generate the data and fill the frame cache once, before parallel runs would race to do it.
-    load_data(variant_config(None, "mama", seeds[0], out, [], False, args.margin), progress=True)
+    load_data(variant_config(None, "mama", seeds[0], out, [], [], args.margin), progress=True)
 
     threads = 1 if args.jobs > 1 else 0
     jobs = [(name, seed) for seed in seeds for name in names]

@@ -276,7 +276,7 @@ def test_quick_demo(tiny_synthvl: Path, tiny_overrides: Overrides, tmp_path: Pat
     out = tmp_path / "demo"
     # QUICK points at data/synthvl_quick and 120 steps; the overrides come after it and win.
     overrides = [o for o in tiny_overrides(tiny_synthvl, out) if not o.startswith("train.out_dir=")]
-    results = run_demo(out, quick=True, overrides=overrides, progress=False)
+    results = run_demo(out, quick=True, overrides=overrides, progress=False, regime="scratch")
     saved = json.loads((out / "results.json").read_text())
     assert saved["variants"].keys() == results["variants"].keys()
     assert set(saved["variants"]) == set(VARIANT_NAMES)
@@ -295,7 +295,7 @@ def test_demo_with_two_seeds_reports_spread(
 ) -> None:
     out = tmp_path / "demo"
     overrides = [o for o in tiny_overrides(tiny_synthvl, out) if not o.startswith("train.out_dir=")] + ["train.steps=2"]
-    assert main(["demo", "--out", str(out), "--seeds", "0,1", "--no-progress", *overrides]) == 0
+    assert main(["demo", "--out", str(out), "--seeds", "0,1", "--regime", "scratch", "--no-progress", *overrides]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and len(saved["per_seed"]["mama"]) == 2
     assert "t2v_r1_std" in saved["variants"]["infonce"]

@@ -226,6 +226,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         quick=args.quick,
         margin=args.margin,
+        regime=args.regime,
+        drop_frac=args.drop_frac,
         seeds=args.seeds,
         config_path=args.config,
         overrides=args.overrides,
@@ -358,18 +360,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_args(p)
     p.set_defaults(func=_cmd_augment)
 
-    p = sub.add_parser("demo", help="InfoNCE vs angular margin vs MAMA on SynthVL")
+    p = sub.add_parser("demo", help="InfoNCE vs angular margin vs small-loss vs MAMA on SynthVL")
     p.add_argument(
         "--task",
         choices=("retrieval", "qa"),
         default="retrieval",
-        help="retrieval: InfoNCE vs margin vs MAMA; qa: plain vs meta-weighted QA",
+        help="retrieval: InfoNCE vs margin vs small-loss vs MAMA; qa: plain vs meta-weighted QA",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for smoke tests (< 2 min)")
     p.add_argument("--out", default="runs/demo", help="output folder (results.json, plots, runs)")
     # 0.01 was best of {0, 0.01, 0.02, 0.05} on the SynthVL *validation* split, with and without meta
     # weighting (benchmarks/margin_sweep.py); the authors' QA code used 0.05.
-    p.add_argument("--margin", type=float, default=0.01, help="mu (radians) of the margin and MAMA variants")
+    p.add_argument(
+        "--margin", type=float, default=0.01, help="mu (radians) of the margin, small-loss and MAMA variants"
+    )
+    p.add_argument(
+        "--regime",
+        choices=("finetune", "scratch"),
+        default="finetune",
+        help="retrieval: fine-tune a pretrained SynthVL model (MAMA's regime; pretrained once and cached) or train from scratch",
+    )
+    p.add_argument(
+        "--drop-frac",
+        type=float,
+        default=0.2,
+        help="small-loss variant: fraction of each batch's highest losses dropped",
+    )
     p.add_argument(
         "--seeds", type=_int_list, default=[0], help="comma-separated seeds, one run of each variant per seed"
     )

@@ -84,6 +84,14 @@ class ModelConfig:
     video_layers: int = 2
     text_layers: int = 2
     stem_channels: int = 16
+    # GroupNorm after each conv of the from-scratch video stem. Without it the stem's gradient norm is
+    # about 10x the rest of the model's, so the global clip throttles every other parameter and training
+    # depends chaotically on the seed (docs/results.md, "A stable benchmark").
+    stem_norm: bool = False
+    # Feed the stem each frame together with its difference from the previous frame (6 channels; the
+    # first frame's difference is zero), as TSN's RGB-difference stream does. Motion is then a local
+    # feature of one frame's input instead of a comparison the temporal transformer must discover.
+    frame_diff: bool = False
     frame_size: int = 32
     max_frames: int = 16
     max_text_length: int = 32
@@ -102,6 +110,11 @@ class LossConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(200.0)
     learn_logit_scale: bool = True
+    # The small-loss trick (Co-teaching, Han et al. 2018; loss truncation, Kang & Hashimoto 2020): each
+    # step gives weight 0 to this fraction of the global batch's highest losses and equal weight to the
+    # rest. A baseline for meta weighting, whose learned map on SynthVL is monotone decreasing in the
+    # loss; 0 disables. Not combined with meta.enabled.
+    drop_frac: float = 0.0
 
 
 @dataclass
@@ -303,6 +316,7 @@ RULES: dict[str, Rule] = {
     "loss.margin": within(0, math.pi / 2, "pi/2"),  # radians; from pi/2 on, cos(theta - mu) favours right angles
     "loss.init_logit_scale": at_least(0),  # mama.losses.LogitScale keeps the log scale in [0, max]
     "loss.max_logit_scale": at_least(0),
+    "loss.drop_frac": within(0, 1),
     "meta.hidden": at_least(1),
     "meta.lr": above(0),
     "meta.weight_decay": at_least(0),
@@ -367,6 +381,10 @@ def check_consistency(cfg: Config) -> None:
     data, model, train = cfg.data, cfg.model, cfg.train
     pairs = [
         # (holds, message)
+        (
+            not (cfg.loss.drop_frac > 0 and cfg.meta.enabled),
+            "loss.drop_frac (the small-loss baseline) and meta.enabled are two ways to weight samples: use one",
+        ),
         (
             train.batch_size % train.accum_steps == 0,
             f"train.batch_size ({train.batch_size}) must be divisible by train.accum_steps ({train.accum_steps}): "

@@ -24,6 +24,18 @@ from mama.config import MetaConfig
 from mama.distributed import all_reduce_sum, all_reduce_sum_, world_size
 
 
+def small_loss_weights(losses: Tensor, drop_frac: float) -> Tensor:
+    """The small-loss trick's sample weights: (n,) losses of the whole (global) batch -> (n,) weights, 0
+    for the ``round(drop_frac * n)`` highest losses and equal for the rest, summing to 1. Ties at the
+    threshold are broken by position, so exactly that many samples are dropped."""
+    n = losses.numel()
+    keep = n - min(n - 1, round(drop_frac * n))  # at least one sample keeps its weight
+    order = torch.argsort(losses.detach(), stable=True)
+    weights = torch.zeros_like(losses, dtype=torch.float32)
+    weights[order[:keep]] = 1.0 / keep
+    return weights
+
+
 class WeightNet(nn.Module):
     """Linear(1, h) -> ReLU -> Linear(h, 1) -> sigmoid: a weight in (0, 1) per sample loss."""
 

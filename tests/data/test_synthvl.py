@@ -198,3 +198,19 @@ def test_config_validation() -> None:
         SynthConfig(num_test=30 * 25)
     with pytest.raises(ValueError, match="exceed 1"):
         SynthConfig(hallucination_rate=0.7, vague_rate=0.5)
+
+
+def test_caption_words_cover_every_caption_of_every_kind() -> None:
+    from mama.data.synthvl import caption_words
+    from mama.tokenizer import split_words
+
+    words = set(caption_words())
+    noisy = make_records(SynthConfig())
+    still = make_records(
+        SynthConfig(seed=3, num_train=300, hallucination_rate=0.0, vague_rate=0.0, caption_motion=False)
+    )
+    for records in (noisy, still):
+        for split in records.values():
+            for record in split:
+                for caption in record["captions"]:
+                    assert set(split_words(caption["text"])) <= words, caption["text"]

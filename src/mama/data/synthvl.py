@@ -49,6 +49,7 @@ from mama.config import DataConfig
 from mama.data.records import write_jsonl
 from mama.data.video import write_video
 from mama.fileio import atomic_path
+from mama.tokenizer import split_words
 
 __all__ = [
     "BACKGROUNDS",
@@ -61,6 +62,7 @@ __all__ = [
     "SPLITS",
     "ForeignFolderError",
     "SynthConfig",
+    "caption_words",
     "concept_table",
     "generate",
     "human_caption",
@@ -70,6 +72,7 @@ __all__ = [
     "make_records",
     "parse_caption",
     "render_clip",
+    "static_caption",
     "vague_caption",
 ]
 
@@ -135,6 +138,9 @@ class SynthConfig:
     vague_rate: float = 0.2  # fraction of LVLM captions that are vague / generic
     eval_captions: int = 2  # human captions per val / test video
     bg_noise: float = 4.0  # std of the static background texture, grey levels
+    # False: captions never mention the motion, like the alt text of a still image (the pretraining
+    # corpus of mama.demos.pretrain: appearance from "image" captions, motion left to fine-tuning).
+    caption_motion: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 2:
@@ -151,6 +157,10 @@ class SynthConfig:
             raise ValueError("train videos need at least one caption (human_captions + lvlm_captions >= 1)")
         if self.human_captions < 1:
             raise ValueError("human_captions must be >= 1: the meta set is captioned by humans only")
+        if not self.caption_motion and (self.hallucination_rate or self.vague_rate):
+            raise ValueError(
+                "caption_motion=False makes a clean still-image corpus: set hallucination_rate and vague_rate to 0"
+            )
         if self.eval_captions < 1:
             raise ValueError("eval_captions must be >= 1")
         if self.fps <= 0 or self.zipf_a < 0:
@@ -382,6 +392,45 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+# Captions of a still image: every attribute but the motion.
+_STATIC_HUMAN_TEMPLATES = (
+    "a {size} {colour} {shape} on a {background} background",
+    "a {size} {colour} {shape} on a {background} screen",
+    "on a {background} background, a {size} {colour} {shape}",
+    "{size} {colour} {shape} over a {background} backdrop",
+    "the {colour} {shape} is {size} and sits on a {background} background",
+)
+_STATIC_LVLM_TEMPLATES = (
+    "The video shows a {size} {colour} {shape} on a {background} background.",
+    "The video depicts a {size} {colour} {shape} against a plain {background} background.",
+    "In the video, a {size} {colour} {shape} is seen on a {background} background.",
+)
+
+
+def static_caption(attributes: dict[str, str], rng: np.random.Generator, lvlm: bool) -> str:
+    """A caption naming shape, colour, size and background but not the motion (human or LLaVA style)."""
+    sizes, backgrounds = (_LVLM_SIZE, _LVLM_BACKGROUND) if lvlm else (_HUMAN_SIZE, _HUMAN_BACKGROUND)
+    return _pick(rng, _STATIC_LVLM_TEMPLATES if lvlm else _STATIC_HUMAN_TEMPLATES).format(
+        size=_pick(rng, sizes[attributes["size"]]),
+        colour=attributes["colour"],
+        shape=attributes["shape"],
+        background=_pick(rng, backgrounds[attributes["background"]]),
+    )
+
+
+def caption_words() -> list[str]:
+    """Every word a SynthVL caption of any template can contain, sorted: a tokenizer built on a corpus
+    that lacks some of them (the motion-free pretraining corpus) still covers every caption."""
+    texts: list[str] = [
+        *_HUMAN_TEMPLATES, *_LVLM_TEMPLATES, *_STATIC_HUMAN_TEMPLATES, *_STATIC_LVLM_TEMPLATES, *_VAGUE_CAPTIONS,
+        *_HUMAN_VERB, *_HUMAN_VERB_ING, *SHAPES, *COLOURS,
+    ]  # fmt: skip
+    for table in (_HUMAN_SIZE, _HUMAN_DIRECTION, _HUMAN_BACKGROUND, _LVLM_SIZE, _LVLM_DIRECTION, _LVLM_BACKGROUND):
+        texts += [option for options in table.values() for option in options]
+    words = {w for text in texts for w in split_words(re.sub(r"\{[a-z_]+\}", " ", text))}
+    return sorted(words)
+
+
 def human_caption(attributes: dict[str, str], rng: np.random.Generator) -> str:
     """A short, human-style caption naming all five attributes correctly, with paraphrases."""
     verb_idx = int(rng.integers(len(_HUMAN_VERB)))
@@ -421,6 +470,8 @@ def _hallucinate(attributes: dict[str, str], rng: np.random.Generator) -> dict[s
 
 def _lvlm_caption_dict(attributes: dict[str, str], cfg: SynthConfig, rng: np.random.Generator) -> dict[str, str]:
     u = rng.random()
+    if not cfg.caption_motion:
+        return {"text": static_caption(attributes, rng, lvlm=True), "source": "lvlm", "noise": "none"}
     if u < cfg.vague_rate:
         return {"text": vague_caption(rng), "source": "lvlm", "noise": "vague"}
     if u < cfg.vague_rate + cfg.hallucination_rate:
@@ -428,15 +479,17 @@ def _lvlm_caption_dict(attributes: dict[str, str], cfg: SynthConfig, rng: np.ran
     return {"text": lvlm_caption(attributes, rng), "source": "lvlm", "noise": "none"}
 
 
-def _human_caption_dicts(attributes: dict[str, str], n: int, rng: np.random.Generator) -> list[dict[str, str]]:
+def _human_caption_dicts(
+    attributes: dict[str, str], n: int, rng: np.random.Generator, motion: bool = True
+) -> list[dict[str, str]]:
     # Distinct paraphrases when possible: duplicate captions would waste the extra annotations.
     texts: list[str] = []
     for _ in range(n):
-        text = human_caption(attributes, rng)
+        text = human_caption(attributes, rng) if motion else static_caption(attributes, rng, lvlm=False)
         for _retry in range(10):
             if text not in texts:
                 break
-            text = human_caption(attributes, rng)
+            text = human_caption(attributes, rng) if motion else static_caption(attributes, rng, lvlm=False)
         texts.append(text)
     return [{"text": t, "source": "human", "noise": "none"} for t in texts]
 
@@ -547,12 +600,12 @@ def _split_items(
     for idx, attributes in enumerate(clips):
         clip_id = f"{split}_{idx:05d}"
         if split == "train":
-            captions = _human_caption_dicts(attributes, cfg.human_captions, rng)
+            captions = _human_caption_dicts(attributes, cfg.human_captions, rng, cfg.caption_motion)
             captions += [_lvlm_caption_dict(attributes, cfg, rng) for _ in range(cfg.lvlm_captions)]
         elif split == "meta":
-            captions = _human_caption_dicts(attributes, cfg.human_captions, rng)
+            captions = _human_caption_dicts(attributes, cfg.human_captions, rng, cfg.caption_motion)
         else:
-            captions = _human_caption_dicts(attributes, cfg.eval_captions, rng)
+            captions = _human_caption_dicts(attributes, cfg.eval_captions, rng, cfg.caption_motion)
         concept = _concept_name(attributes["colour"], attributes["shape"])
         record = {
             "id": clip_id,

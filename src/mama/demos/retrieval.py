@@ -1,4 +1,6 @@
-"""``mama demo``: InfoNCE vs angular margin vs full MAMA on SynthVL, same seed, steps, batch and model.
+"""``mama demo``: InfoNCE vs angular margin vs the small-loss trick vs full MAMA on SynthVL, same seeds,
+steps, batch and model, in one of two regimes: ``finetune`` (the default and MAMA's own: every variant
+fine-tunes the pretrained model of :mod:`mama.demos.pretrain`) or ``scratch`` (from random weights).
 
 Writes ``results.json``, ``weight_curve.png`` (the learned loss-to-weight map) and ``buckets.png``
 (t2v R@1 per concept-frequency bucket) into the output folder and prints a table.
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from mama.config import Config, load_config, to_dict
+from mama.metrics.stats import paired_ci
 from mama.tasks import load_run, train
 from mama.tasks.retrieval import load_data
 from mama.training.trainer import TrainResult
@@ -37,20 +40,49 @@ METRIC_KEYS = [
     "step_ms",
 ]
 
-VARIANT_NAMES = ("infonce", "margin", "mama")
+VARIANT_NAMES = ("infonce", "margin", "small_loss", "mama")
+# Paired comparisons the demo reports (first minus second): the margin alone, the weighting on top of the
+# margin, the whole method, and the learned weighting against the small-loss trick it resembles.
+COMPARISONS = (("margin", "infonce"), ("mama", "margin"), ("mama", "infonce"), ("mama", "small_loss"))
+REGIMES = ("finetune", "scratch")
 
 
-def variant_overrides(variant: str, margin: float) -> list[str]:
-    """What distinguishes the three variants; everything else is shared."""
+def variant_overrides(variant: str, margin: float, drop_frac: float = 0.2) -> list[str]:
+    """What distinguishes the variants; everything else is shared. ``small_loss`` is the margin loss with
+    the small-loss trick (``loss.drop_frac``) in place of the learned weighting."""
     return {
-        "infonce": ["loss.margin=0.0", "meta.enabled=false"],
-        "margin": [f"loss.margin={margin}", "meta.enabled=false"],
-        "mama": [f"loss.margin={margin}", "meta.enabled=true", "train.log_weights_every=50"],
+        "infonce": ["loss.margin=0.0", "meta.enabled=false", "loss.drop_frac=0.0"],
+        "margin": [f"loss.margin={margin}", "meta.enabled=false", "loss.drop_frac=0.0"],
+        "small_loss": [f"loss.margin={margin}", "meta.enabled=false", f"loss.drop_frac={drop_frac}"],
+        "mama": [f"loss.margin={margin}", "meta.enabled=true", "loss.drop_frac=0.0", "train.log_weights_every=50"],
     }[variant]
 
 
+# The fine-tuning regime (MAMA's): every variant starts from the model of mama.demos.pretrain and
+# fine-tunes it on the noisy, long-tailed training split. Chosen on the validation split
+# (benchmarks/synthvl_benchmark.py, docs/results.md "A stable benchmark").
+FINETUNE = ["train.steps=400", "optim.lr=1e-4", "meta.lr=1e-3", "train.log_every=50"]
 # The quick demo: a smaller SynthVL and a shorter schedule, for smoke tests.
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=120", "train.log_every=20"]
+
+
+def regime_overrides(regime: str, quick: bool, progress: bool = True, pretrained: Path | None = None) -> list[str]:
+    """The overrides of a regime. ``finetune`` starts from ``pretrained`` (a ``mama export`` folder) or, by
+    default, from the model of :func:`mama.demos.pretrain.ensure_pretrained`, trained once and cached."""
+    if regime == "scratch":
+        return QUICK if quick else []
+    if regime != "finetune":
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    from mama.demos.pretrain import ensure_pretrained, quick_pretraining
+
+    if pretrained is not None:
+        return [*FINETUNE, *(QUICK if quick else []), f"model.pretrained={pretrained}"]
+    if quick:
+        corpus, pre_overrides = quick_pretraining()
+        model = ensure_pretrained(Path("data/synthvl_pretrain_quick"), corpus, pre_overrides, progress=progress)
+        return [*FINETUNE, *QUICK, f"model.pretrained={model}"]
+    model = ensure_pretrained(progress=progress)
+    return [*FINETUNE, f"model.pretrained={model}"]
 
 
 def variant_config(
@@ -59,12 +91,48 @@ def variant_config(
     seed: int,
     out_dir: Path,
     overrides: list[str],
-    quick: bool,
+    regime_extra: list[str],
     margin: float,
+    drop_frac: float = 0.2,
 ) -> Config:
-    extra = (QUICK if quick else []) + overrides + variant_overrides(variant, margin)
+    extra = regime_extra + overrides + variant_overrides(variant, margin, drop_frac)
     extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}", "train.overwrite=true"]
     return load_config(base_path, extra)
+
+
+def paired_gains(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """For each of :data:`COMPARISONS`: per-seed differences of t2v R@1 (all, head, mid, tail) and, with
+    two seeds or more, their mean with a paired 95% confidence interval."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in COMPARISONS:
+        if a not in per_seed or b not in per_seed:
+            continue
+        entry: dict[str, Any] = {}
+        for key in ("t2v_r1", "head_t2v_r1", "mid_t2v_r1", "tail_t2v_r1"):
+            xs = [r[key] for r in per_seed[a]]
+            ys = [r[key] for r in per_seed[b]]
+            diffs = [x - y for x, y in zip(xs, ys, strict=True)]
+            item: dict[str, Any] = {"diffs": diffs, "mean": statistics.fmean(diffs)}
+            if len(diffs) > 1:
+                ci = paired_ci(xs, ys)
+                item.update(low=ci.low, high=ci.high)
+            entry[key] = item
+        out[f"{a} - {b}"] = entry
+    return out
+
+
+def format_gains(gains: dict[str, dict[str, Any]]) -> str:
+    """One line per comparison: the mean paired difference (with its 95% CI when there is one)."""
+
+    def cell(item: dict[str, Any]) -> str:
+        text = f"{item['mean']:+.1f}"
+        return text + (f" [{item['low']:+.1f}, {item['high']:+.1f}]" if "low" in item else "")
+
+    lines = ["paired gains in t2v R@1 points (same seeds; [95% CI] with several seeds): all | head | mid | tail"]
+    for name, entry in gains.items():
+        parts = [cell(entry[k]) for k in ("t2v_r1", "head_t2v_r1", "mid_t2v_r1", "tail_t2v_r1")]
+        lines.append(f"  {name:<20} " + " | ".join(parts))
+    return "\n".join(lines)
 
 
 def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -191,35 +259,47 @@ def run_demo(
     config_path: str | Path | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    regime: str = "finetune",
+    drop_frac: float = 0.2,
+    pretrained: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the three variants per seed, evaluate on the test split, write results and plots."""
+    """Train every variant per seed in ``regime``, evaluate on the test split, write results and plots.
+    ``pretrained``: the model the ``finetune`` regime starts from (default: SynthVL's, cached)."""
     seeds = seeds or [0]
     overrides = list(overrides or []) + ([] if progress else ["train.progress=false"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    first = variant_config(config_path, "mama", seeds[0], out_dir, overrides, quick, margin)
+    regime_extra = regime_overrides(regime, quick, progress, pretrained)
+    first = variant_config(config_path, "mama", seeds[0], out_dir, overrides, regime_extra, margin, drop_frac)
     data = load_data(first, progress=progress)  # decoded once, shared by every run
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANT_NAMES}
     mama_dirs: list[Path] = []
     weight_by_noise: list[dict[str, float]] = []
     for seed in seeds:
         for variant in VARIANT_NAMES:
-            cfg = variant_config(config_path, variant, seed, out_dir, overrides, quick, margin)
+            cfg = variant_config(config_path, variant, seed, out_dir, overrides, regime_extra, margin, drop_frac)
             if progress:
-                print(f"== {variant} (seed {seed}): margin={cfg.loss.margin} meta={cfg.meta.enabled}", flush=True)
+                print(
+                    f"== {variant} (seed {seed}, {regime}): margin={cfg.loss.margin} meta={cfg.meta.enabled} "
+                    f"drop_frac={cfg.loss.drop_frac}",
+                    flush=True,
+                )
             result: TrainResult = train(cfg, data=data)
             runs[variant].append({**result.metrics, "wall_s": result.wall_s, "step_ms": result.step_ms})
             if variant == "mama":
                 mama_dirs.append(result.out_dir)
                 weight_by_noise.append(_late_mean_weights(result.history))
     variants = {v: _summarise(r) for v, r in runs.items()}
+    gains = paired_gains(runs)
     test = data.splits[first.eval.split]
     chance = 100.0 / len(test)
     curve = plot_weight_curve(mama_dirs, out_dir / "weight_curve.png")
     plot_buckets(variants, out_dir / "buckets.png")
     results = {
+        "regime": regime,
         "variants": variants,
         "per_seed": runs,
+        "paired_gains": gains,
         "seeds": seeds,
         "chance_t2v_r1": chance,
         "weight_curve": curve,
@@ -232,6 +312,7 @@ def run_demo(
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out_dir / "results.json")
     print(format_table(variants, chance))
+    print(format_gains(gains))
     for seed, weights in zip(seeds, weight_by_noise, strict=True):
         print(
             f"MAMA mean weight by caption kind (seed {seed}, 2nd half of training, 1.0 = uniform): "

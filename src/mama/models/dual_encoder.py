@@ -9,6 +9,7 @@ L2-normalised embeddings.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mama.config import ModelConfig
+from mama.config import ConfigError, ModelConfig
 from mama.models.layers import Block, run_blocks
+from mama.models.pretrained import TOKENIZER_DIR, WEIGHTS_FILE, read_model_config
 from mama.models.registry import ModelSpec, register_model
 from mama.tokenizer import WordTokenizer
 
@@ -26,14 +28,16 @@ class VideoTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         stem_out = 4 * cfg.stem_channels
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, cfg.stem_channels, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(cfg.stem_channels, 2 * cfg.stem_channels, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(2 * cfg.stem_channels, stem_out, 3, stride=2, padding=1),
-            nn.GELU(),
-        )
+        channels = [6 if cfg.frame_diff else 3, cfg.stem_channels, 2 * cfg.stem_channels, stem_out]
+        stem: list[nn.Module] = []
+        for c_in, c_out in itertools.pairwise(channels):
+            stem.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
+            if cfg.stem_norm:
+                # Per-frame statistics (no batch statistics: the meta step's virtual model and evaluation
+                # see the same function of one frame).
+                stem.append(nn.GroupNorm(min(8, c_out), c_out))
+            stem.append(nn.GELU())
+        self.stem = nn.Sequential(*stem)
         grid = -(-cfg.frame_size // 8)  # three stride-2 convs with padding 1
         self.frame_proj = nn.Linear(stem_out * grid * grid, cfg.width)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
@@ -42,6 +46,7 @@ class VideoTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.embed_dim)
         self.max_frames = cfg.max_frames
+        self.frame_diff = cfg.frame_diff
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, video: Tensor) -> Tensor:
@@ -55,6 +60,10 @@ class VideoTower(nn.Module):
         b, t = video.shape[:2]
         if t > self.max_frames:
             raise ValueError(f"{t} frames given, the model was built for at most {self.max_frames}")
+        if self.frame_diff:
+            # (B, T, C, H, W) -> (B, T, 2C, H, W): each frame and its change since the previous one
+            previous = torch.cat([video[:, :1], video[:, :-1]], dim=1)
+            video = torch.cat([video, video - previous], dim=2)
         # (B, T, C, H, W) -> (B*T, C, H, W)
         feats = self.stem(video.flatten(0, 1))
         # (B*T, C', h, w) -> (B, T, C'*h*w): flatten keeps where the object is in the frame
@@ -121,7 +130,18 @@ class DualEncoder(nn.Module):
         return self.text.norm(self.text.sequence(input_ids, attention_mask))
 
 
+# Settings that shape the weights: a pretrained folder must agree with the config on each of them.
+_ARCHITECTURE = (
+    "embed_dim", "width", "heads", "video_layers", "text_layers", "stem_channels", "stem_norm", "frame_diff", "frame_size", "max_frames",
+    "max_text_length",
+)  # fmt: skip
+
+
 def _build_tokenizer(cfg: ModelConfig, texts: Iterable[str]) -> WordTokenizer:
+    if cfg.pretrained:
+        # Fine-tuning keeps the vocabulary the model was pretrained with, as a pretrained CLIP keeps its BPE:
+        # words it never saw map to [UNK].
+        return WordTokenizer.load(Path(cfg.pretrained) / TOKENIZER_DIR)
     return WordTokenizer.build(texts, max_length=cfg.max_text_length)
 
 
@@ -133,7 +153,34 @@ def _build_model(cfg: ModelConfig, tokenizer: WordTokenizer) -> DualEncoder:
     return DualEncoder(cfg, vocab_size=len(tokenizer))
 
 
+def _load_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Initialise from ``cfg.pretrained``: a folder written by :func:`mama.models.pretrained.save_pretrained`
+    (``mama export``) from a ``tiny_dual_encoder`` with the same architecture settings; "" trains from scratch."""
+    from safetensors.torch import load_file
+
+    if not cfg.pretrained:
+        return
+
+    saved = read_model_config(cfg.pretrained)
+    if saved.name != cfg.name:
+        raise ConfigError(f"model.pretrained {cfg.pretrained}: holds a {saved.name!r} model, not {cfg.name!r}")
+    differ = [
+        f"{k} {getattr(saved, k)} (config: {getattr(cfg, k)})"
+        for k in _ARCHITECTURE
+        if getattr(saved, k) != getattr(cfg, k)
+    ]
+    if differ:
+        raise ConfigError(f"model.pretrained {cfg.pretrained}: built with other settings: {'; '.join(differ)}")
+    model.load_state_dict(load_file(str(Path(cfg.pretrained) / WEIGHTS_FILE)), strict=True)
+
+
 register_model(
     "tiny_dual_encoder",
-    ModelSpec(_build_tokenizer, _load_tokenizer, _build_model, "conv-stem + temporal transformer / word transformer"),
+    ModelSpec(
+        _build_tokenizer,
+        _load_tokenizer,
+        _build_model,
+        "conv-stem + temporal transformer / word transformer",
+        load_weights=_load_weights,
+    ),
 )

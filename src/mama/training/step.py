@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mama.config import Precision
+from mama.distributed import gather_rows, rank
 from mama.precision import autocast
 from mama.training.state import TrainState
-from mama.weighting import meta_forward_context
+from mama.weighting import meta_forward_context, small_loss_weights
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class StepSettings:
     accum_steps: int = 1  # micro-batches per rank; negatives still span the whole batch
     world_size: int = 1
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    drop_frac: float = 0.0  # small-loss trick: weight 0 on this fraction of the global batch's highest losses
 
 
 @dataclass
@@ -110,6 +112,12 @@ def _losses_and_weights(
                 train_forward=lambda params: functional_call(module, params, (batch,))["loss_per_sample"],
             )  # fmt: skip
             weights, meta_loss = result.weights, result.meta_loss
+        elif settings.drop_frac > 0:
+            # Over the global batch, as the meta weights are: every rank ranks the same gathered losses.
+            global_losses = gather_rows(losses.detach())
+            start = rank() * len(losses)  # every rank holds the same number of rows
+            weights = small_loss_weights(global_losses, settings.drop_frac)[start : start + len(losses)]
+            meta_loss = None
         else:
             weights = torch.full_like(losses, 1.0 / (len(losses) * settings.world_size))
             meta_loss = None

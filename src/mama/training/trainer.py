@@ -77,7 +77,9 @@ class Trainer:
         self.cfg, self.task, self.ctx = cfg, task, ctx
         self.main = ctx.rank == 0
         self.out_dir = Path(cfg.train.out_dir)
-        self.settings = StepSettings(cfg.train.precision, cfg.train.accum_steps, ctx.world_size, cfg.optim.grad_clip)
+        self.settings = StepSettings(
+            cfg.train.precision, cfg.train.accum_steps, ctx.world_size, cfg.optim.grad_clip, cfg.loss.drop_frac
+        )
         self.start_step = 0
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
