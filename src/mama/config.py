@@ -84,14 +84,6 @@ class ModelConfig:
     video_layers: int = 2
     text_layers: int = 2
     stem_channels: int = 16
-    # GroupNorm after each conv of the from-scratch video stem. Without it the stem's gradient norm is
-    # about 10x the rest of the model's, so the global clip throttles every other parameter and training
-    # depends chaotically on the seed (docs/results.md, "A stable benchmark").
-    stem_norm: bool = False
-    # Feed the stem each frame together with its difference from the previous frame (6 channels; the
-    # first frame's difference is zero), as TSN's RGB-difference stream does. Motion is then a local
-    # feature of one frame's input instead of a comparison the temporal transformer must discover.
-    frame_diff: bool = False
     frame_size: int = 32
     max_frames: int = 16
     max_text_length: int = 32

@@ -9,7 +9,6 @@ L2-normalised embeddings.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,16 +27,14 @@ class VideoTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         stem_out = 4 * cfg.stem_channels
-        channels = [6 if cfg.frame_diff else 3, cfg.stem_channels, 2 * cfg.stem_channels, stem_out]
-        stem: list[nn.Module] = []
-        for c_in, c_out in itertools.pairwise(channels):
-            stem.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
-            if cfg.stem_norm:
-                # Per-frame statistics (no batch statistics: the meta step's virtual model and evaluation
-                # see the same function of one frame).
-                stem.append(nn.GroupNorm(min(8, c_out), c_out))
-            stem.append(nn.GELU())
-        self.stem = nn.Sequential(*stem)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, cfg.stem_channels, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(cfg.stem_channels, 2 * cfg.stem_channels, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * cfg.stem_channels, stem_out, 3, stride=2, padding=1),
+            nn.GELU(),
+        )
         grid = -(-cfg.frame_size // 8)  # three stride-2 convs with padding 1
         self.frame_proj = nn.Linear(stem_out * grid * grid, cfg.width)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
@@ -46,7 +43,6 @@ class VideoTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.embed_dim)
         self.max_frames = cfg.max_frames
-        self.frame_diff = cfg.frame_diff
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, video: Tensor) -> Tensor:
@@ -60,10 +56,6 @@ class VideoTower(nn.Module):
         b, t = video.shape[:2]
         if t > self.max_frames:
             raise ValueError(f"{t} frames given, the model was built for at most {self.max_frames}")
-        if self.frame_diff:
-            # (B, T, C, H, W) -> (B, T, 2C, H, W): each frame and its change since the previous one
-            previous = torch.cat([video[:, :1], video[:, :-1]], dim=1)
-            video = torch.cat([video, video - previous], dim=2)
         # (B, T, C, H, W) -> (B*T, C, H, W)
         feats = self.stem(video.flatten(0, 1))
         # (B*T, C', h, w) -> (B, T, C'*h*w): flatten keeps where the object is in the frame
@@ -132,7 +124,7 @@ class DualEncoder(nn.Module):
 
 # Settings that shape the weights: a pretrained folder must agree with the config on each of them.
 _ARCHITECTURE = (
-    "embed_dim", "width", "heads", "video_layers", "text_layers", "stem_channels", "stem_norm", "frame_diff", "frame_size", "max_frames",
+    "embed_dim", "width", "heads", "video_layers", "text_layers", "stem_channels", "frame_size", "max_frames",
     "max_text_length",
 )  # fmt: skip
 
