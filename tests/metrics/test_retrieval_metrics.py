@@ -48,9 +48,9 @@ def _dense_reference(text_emb, video_emb, text_to_video, dsl_temperature=None):
     """Brute force from the full (Q, V) matrix with the pessimistic tie rule, optionally with DSL."""
     sim = (text_emb.double() @ video_emb.double().T).float().double()  # (Q, V), same numerics as the library
     t2v_score, v2t_score = sim, sim.T  # (Q, V), (V, Q): queries are rows
-    if dsl_temperature is not None:  # softmax over the query axis, i.e. over the rows
+    if dsl_temperature is not None:  # the authors' rule: one softmax over the captions, v2t its transpose
         t2v_score = _round_to_float32_significand(sim * torch.softmax(dsl_temperature * sim, dim=0))
-        v2t_score = _round_to_float32_significand(sim.T * torch.softmax(dsl_temperature * sim.T, dim=0))
+        v2t_score = t2v_score.T
     num_captions, num_videos = sim.shape
     t2v = []
     for q in range(num_captions):
@@ -240,6 +240,28 @@ def test_dsl_scores_keep_float64_exponent_range():
     assert t2v.tolist() == [1, 1, 1]
     ref_t2v, _ = _dense_reference(text_emb, video_emb, text_to_video, dsl_temperature=100.0)
     assert ref_t2v.tolist() == [1, 1, 1]
+
+
+def test_dsl_follows_the_authors_clip_vip_rule_in_both_directions():
+    """CLIP-ViP's evaluation (as in MAMA's run_video_retrieval.py): ``sim = sim * softmax(100 * sim,
+    axis=0)`` on the (captions, videos) matrix, then t2v ranks ``sim`` and v2t ranks ``sim.T``."""
+    text_emb, video_emb, text_to_video = _random_problem(num_videos=9, max_captions=3, dim=4, seed=3)
+    sim = (text_emb.double() @ video_emb.double().T).float().double()  # (Q, V)
+    dsl = sim * torch.softmax(100.0 * sim, dim=0)  # the one re-weighted matrix
+
+    def pessimistic_rank(scores: torch.Tensor, own: list[int]) -> int:
+        best = max(float(scores[i]) for i in own)
+        return 1 + sum(int(float(scores[i]) >= best) for i in range(len(scores)) if i not in own)
+
+    expected_t2v = [pessimistic_rank(dsl[q], [int(text_to_video[q])]) for q in range(len(sim))]
+    own_captions = [[q for q in range(len(sim)) if int(text_to_video[q]) == v] for v in range(len(video_emb))]
+    expected_v2t = [pessimistic_rank(dsl.T[v], own_captions[v]) for v in range(len(video_emb))]
+    for chunk_size in (1, 4, 100):
+        t2v, v2t = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=chunk_size, dsl=True)
+        assert t2v.tolist() == expected_t2v and v2t.tolist() == expected_v2t, chunk_size
+    # The earlier rule (v2t normalised over videos) ranks differently here, so the test can tell them apart.
+    over_videos = sim.T * torch.softmax(100.0 * sim.T, dim=0)  # (V, Q)
+    assert [pessimistic_rank(over_videos[v], own_captions[v]) for v in range(len(video_emb))] != expected_v2t
 
 
 def test_dsl_metrics_are_prefixed_metrics_of_dsl_ranks():

@@ -13,10 +13,17 @@ Every SynthVL clip shows one shape with known attributes, so questions and answe
 
 - **Long tail in training.** Colour and shape answers follow the training split's Zipf distribution
   over concepts, so some answers are rare.
-- **Noisy training labels.** A fraction ``noise_rate`` of the training questions carry a wrong answer
-  (another value of the same attribute), marked ``meta["noise"] = "wrong_answer"``: the condition
-  meta-weighting is meant to handle. The meta split (clean, balanced over concepts) and the evaluation
-  splits are never corrupted.
+- **Noisy training labels, wrong the way an LVLM is wrong.** A fraction ``noise_rate`` of the training
+  questions carry a wrong answer, and the errors are systematic, not uniform (:class:`NoiseModel`, fixed
+  by the seed): a wrong answer is either the true answer's fixed *confusion* (a neighbouring hue, the
+  opposite direction, a count off by one, ...; ``meta["noise"] = "confused"``) or the type's most
+  frequent training answer (the prior an LVLM falls back on; ``"frequent"``). Some *units* are
+  systematically confused: for a fifth of the concepts per colour / shape / motion / size question, and
+  for one answer of background and of count, the answer is the confusion ``HARD_RATE`` = 60% of the
+  time, so their majority training label is wrong. Each question records ``noise`` (``"none"`` when
+  right), ``true_answer`` when wrong, and ``confusable`` (its unit is systematically confused; also on
+  the clean splits, so evaluation can report those questions apart). The meta split (clean, balanced
+  over concepts) and the evaluation splits are never corrupted.
 - **Balanced evaluation.** Val and test keep, per question type, the same number of questions for every
   answer (the rest are dropped), so the majority-answer baseline is at chance.
 - **Multiple choice.** The same questions with up to 5 candidates (all values of the attribute, or 4
@@ -40,7 +47,8 @@ import json
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,7 @@ from mama.data.records import read_jsonl, write_jsonl
 from mama.data.synthvl import (
     BACKGROUNDS,
     COLOURS,
+    CONCEPTS,
     METADATA_NAME,
     MOTIONS,
     SHAPES,
@@ -61,7 +70,7 @@ from mama.data.synthvl import (
 from mama.data.video import probe_video, write_video
 from mama.fileio import atomic_path
 
-__all__ = ["QTYPES", "is_current", "make_questions", "write_synthvl_qa"]
+__all__ = ["QTYPES", "NoiseModel", "is_current", "make_questions", "write_synthvl_qa"]
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
@@ -73,10 +82,68 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 }
 COUNT_PRIOR = (0.5, 0.25, 0.15, 0.10)  # training distribution of the number of objects
 QTYPES = tuple(ANSWERS)
-QA_VERSION = 2  # bump when the questions change: older files are rewritten
+QA_VERSION = 3  # bump when the questions change: older files are rewritten
 MAX_CANDIDATES = 5
 STAMP_NAME = "qa_synthvl.json"
 _SPLIT_SALT = {"train": 11, "meta": 12, "val": 13, "test": 14}
+_NOISE_SALT = 15  # the noise model: one draw per seed, shared by every split
+
+# Systematic noise (NoiseModel). A systematically confused unit is wrong more often than right.
+HARD_RATE = 0.6
+HARD_CONCEPTS = 6  # of the 30 concepts, per question type about the object
+CONCEPT_QTYPES = ("colour", "shape", "motion", "size")  # units: (qtype, concept); otherwise (qtype, answer)
+# What each answer can be mistaken for; the noise model fixes one per answer. Colours: neighbours on
+# the hue circle red-yellow-green-cyan-blue-magenta; shapes: the similar-looking ones at 32 px.
+_CONFUSABLE: dict[str, dict[str, tuple[str, ...]]] = {
+    "colour": {
+        "red": ("magenta", "yellow"), "yellow": ("red", "green"), "green": ("yellow", "cyan"),
+        "cyan": ("green", "blue"), "blue": ("cyan", "magenta"), "magenta": ("blue", "red"),
+    },
+    "shape": {
+        "circle": ("square", "diamond"), "square": ("circle", "diamond"), "triangle": ("diamond",),
+        "cross": ("square",), "diamond": ("square", "triangle"),
+    },
+    "motion": {"left": ("right",), "right": ("left",), "up": ("down",), "down": ("up",)},
+    "size": {"small": ("large",), "large": ("small",)},
+    "background": {"black": ("gray",), "gray": ("black", "white"), "white": ("gray",)},
+    "count": {"one": ("two",), "two": ("one", "three"), "three": ("two", "four"), "four": ("three",)},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The systematic errors of SynthVL QA's training answers, a fixed function of the seed.
+
+    Attributes:
+        confusion: ``{qtype: {true answer: the answer it is mistaken for}}``, one per answer.
+        hard: the systematically confused units, wrong ``HARD_RATE`` of the time: ``(qtype, "colour
+            shape")`` for the questions about the object, ``(qtype, answer)`` for background and count.
+    """
+
+    confusion: dict[str, dict[str, str]]
+    hard: frozenset[tuple[str, str]]
+
+    @classmethod
+    def from_seed(cls, seed: int) -> NoiseModel:
+        rng = np.random.default_rng([seed, _NOISE_SALT])
+        confusion = {
+            qtype: {a: options[int(rng.integers(len(options)))] for a, options in _CONFUSABLE[qtype].items()}
+            for qtype in QTYPES
+        }
+        concepts = [f"{colour} {shape}" for colour, shape in CONCEPTS]
+        hard = set()
+        for qtype in QTYPES:
+            keys = concepts if qtype in CONCEPT_QTYPES else list(ANSWERS[qtype])
+            chosen = rng.choice(len(keys), size=HARD_CONCEPTS if qtype in CONCEPT_QTYPES else 1, replace=False)
+            hard |= {(qtype, keys[i]) for i in chosen}
+        return cls(confusion, frozenset(hard))
+
+    @staticmethod
+    def unit(qtype: str, attributes: dict[str, str]) -> tuple[str, str]:
+        """The unit of a question: its type and its concept ("colour shape") or, without one, its answer."""
+        if qtype in CONCEPT_QTYPES:
+            return qtype, f"{attributes['colour']} {attributes['shape']}"
+        return qtype, attributes[qtype]
 
 
 def _question(qtype: str, attributes: dict[str, str]) -> str:
@@ -114,26 +181,42 @@ def make_questions(
 
     Args:
         records: the split's JSONL records (with ``attributes``), e.g. from :func:`mama.data.synthvl.make_records`.
-        noise_rate: fraction of training questions given a wrong answer (train split only).
+        noise_rate: expected fraction of training questions given a wrong answer (train split only). The
+            systematically confused units get ``HARD_RATE`` of it (all of it, at a lower rate, when
+            ``noise_rate`` is too small), and every other question the rate that makes the overall
+            expectation ``noise_rate``, half "confused" and half "frequent" (module doc).
     """
     if not 0 <= noise_rate < 1:
         raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate}")
     rng = np.random.default_rng([seed, _SPLIT_SALT[split]])
+    noise = NoiseModel.from_seed(seed)
+    asked = [(r, qtype) for r in records for qtype in QTYPES if qtype in r["attributes"]]  # count clips: count only
+    hard = [noise.unit(qtype, r["attributes"]) in noise.hard for r, qtype in asked]
+    num_hard = sum(hard)
+    hard_rate = min(HARD_RATE, noise_rate * len(asked) / num_hard) if num_hard else 0.0
+    base_rate = (noise_rate * len(asked) - hard_rate * num_hard) / max(1, len(asked) - num_hard)
+    true_counts = Counter((qtype, r["attributes"][qtype]) for r, qtype in asked)
+    by_frequency = {  # most frequent true answer first, ties alphabetical
+        qtype: sorted(ANSWERS[qtype], key=lambda a: (-true_counts[(qtype, a)], a)) for qtype in QTYPES
+    }
     questions = []
-    for record in records:
+    for (record, qtype), is_hard in zip(asked, hard, strict=True):
         attributes = record["attributes"]
-        for qtype in QTYPES:
-            if qtype not in attributes:  # count clips answer only count; the others only the rest
-                continue
-            answer, meta = attributes[qtype], {"noise": "none"}
-            if split == "train" and rng.random() < noise_rate:
-                wrong = [a for a in ANSWERS[qtype] if a != answer]
-                answer, meta = wrong[int(rng.integers(len(wrong)))], {"noise": "wrong_answer", "true_answer": answer}
-            questions.append({
-                "id": f"{record['id']}_{qtype}", "video": record["video"], "video_id": record["id"],
-                "question": _question(qtype, attributes), "answer": answer, "qtype": qtype,
-                "bucket": record.get("bucket"), **meta,
-            })  # fmt: skip
+        answer, meta = attributes[qtype], {"noise": "none"}
+        if split == "train":
+            draw, kind_draw = rng.random(2)  # two draws per question whatever happens: stable streams
+            if draw < (hard_rate if is_hard else base_rate):
+                kind = "confused" if is_hard or kind_draw < 0.5 else "frequent"
+                if kind == "confused":
+                    wrong = noise.confusion[qtype][answer]
+                else:  # the most frequent answer, or the next one when it is the true answer
+                    wrong = next(a for a in by_frequency[qtype] if a != answer)
+                answer, meta = wrong, {"noise": kind, "true_answer": answer}
+        questions.append({
+            "id": f"{record['id']}_{qtype}", "video": record["video"], "video_id": record["id"],
+            "question": _question(qtype, attributes), "answer": answer, "qtype": qtype,
+            "bucket": record.get("bucket"), "confusable": is_hard, **meta,
+        })  # fmt: skip
     return _balance(questions, rng) if split in ("val", "test") else questions
 
 

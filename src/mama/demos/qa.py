@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mama.config import load_config
+from mama.metrics.stats import PairedCI, paired_ci
 
 VARIANTS = {"plain": ["meta.enabled=false"], "meta": ["meta.enabled=true"]}
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "synthvl_qa.yaml"
@@ -26,6 +27,7 @@ KEYS = (
     "acc_background",
     "acc_count",
     "acc_rare_answers",
+    "acc_confusable",
     "acc_head",
     "acc_mid",
     "acc_tail",
@@ -83,6 +85,11 @@ def run_qa_demo(
         for variant, rs in runs.items()
     }
     results = {"seeds": seeds, "majority_baseline": baseline, "variants": summary, "runs": runs}
+    if len(seeds) >= 2:  # meta - plain per seed: a paired 95% t-interval
+        keys = [k for k in KEYS if all(k in r for rs in runs.values() for r in rs)]
+        results["meta_minus_plain"] = {
+            k: paired_ci([r[k] for r in runs["meta"]], [r[k] for r in runs["plain"]])._asdict() for k in keys
+        }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     _print_table(results)
     return results
@@ -99,6 +106,10 @@ def _print_table(results: dict[str, Any]) -> None:
     print(
         f"top-1 accuracy in % on the balanced test split (every question counts; out-of-vocabulary answers are wrong); "
         f"majority-answer baseline {results['majority_baseline']:.1f}%; rare_answers = questions whose answer is in "
-        f"the least frequent third of its type's training answers; head/mid/tail = questions about videos of "
+        f"the least frequent third of its type's training answers; confusable = questions of the kinds whose training "
+        f"answers are mostly wrong (systematic noise); head/mid/tail = questions about videos of "
         f"frequent/middle/rare concepts; mean over seeds {results['seeds']}"
     )
+    if "meta_minus_plain" in results:
+        gains = [f"{k.removeprefix('acc_')} {PairedCI(**ci)}" for k, ci in results["meta_minus_plain"].items()]
+        print("meta - plain, mean and paired 95% CI over seeds: " + "; ".join(gains))

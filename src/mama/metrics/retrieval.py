@@ -32,16 +32,19 @@ similarity >= the best similarity among ``v``'s own captions). A collapsed model
 are all equal therefore gets the worst ranks (``V`` for t2v, ``Q - captions(v) + 1`` for v2t), not
 R@1 = 100%.
 
-DSL (dual softmax, opt-in, as in CLIP4Clip/CAMoE evaluation): every similarity is re-weighted by a
-softmax over the *query* axis, computed over the whole query set:
-``S'(q, n) = S(q, n) · softmax_q(T · S(:, n))[q]``, i.e. for t2v each video's column is normalised
-over all captions, for v2t each caption's column over all videos. With ``T = 100`` the ranks
-equal those of CLIP4Clip's ``logits * softmax(logits, axis=0)`` on ``logits = 100·S``. Two passes: the per-candidate
-log-sum-exp over all queries is streamed first, then the re-weighted rows are ranked with the same
-tie rule. ``S'`` is computed in float64 from the float32-rounded ``S`` and then rounded to float32's
-24-bit significand while keeping float64's exponent range: the rounding removes the reduction-order
-noise (as above), and the wide exponent keeps tiny weights (``exp(-200)`` at ``T = 100``) from
-underflowing to zero and creating spurious ties.
+DSL (dual softmax, opt-in) as in the authors' CLIP-ViP evaluation: the similarity matrix ``S``
+(captions x videos) is re-weighted once by a softmax over the *captions*, computed over the whole
+caption set, ``S'(q, v) = S(q, v) · softmax_q(T · S(:, v))[q]`` (their ``sim * softmax(100 · sim,
+axis=0)``), and both directions rank that same matrix: t2v its rows, v2t its transpose (MAMA's
+``text_video_retrieval/src/tasks/run_video_retrieval.py``, after microsoft/XPretrain CLIP-ViP). For v2t
+the prior is therefore over the text queries, not over videos: within a video's row every score is
+divided by the same normaliser, so v2t DSL ranks captions by ``S · exp(T·S)``, which orders like
+``S`` wherever ``S > -1/T``. Two passes: the per-video log-sum-exp over all captions is streamed
+first, then the re-weighted rows are ranked with the same tie rule. ``S'`` is computed in float64
+from the float32-rounded ``S`` and then rounded to float32's 24-bit significand while keeping
+float64's exponent range: the rounding removes the reduction-order noise (as above), and the wide
+exponent keeps tiny weights (``exp(-200)`` at ``T = 100``) from underflowing to zero and creating
+spurious ties.
 """
 
 from __future__ import annotations
@@ -80,36 +83,33 @@ def _round_significand_(x: Tensor) -> Tensor:
     return x
 
 
-def _dsl_scores(sim: Tensor, column_lse: Tensor, temperature: float) -> Tensor:
-    """``(c, w)`` float32 similarities -> float64 DSL scores ``S · exp(T·S - lse_column)`` (module doc)."""
+def _dsl_scores(sim: Tensor, video_lse: Tensor, temperature: float) -> Tensor:
+    """``(c, w)`` float32 similarities -> float64 DSL scores ``S · exp(T·S - lse_video)`` (module doc).
+
+    ``video_lse`` broadcasts against ``sim``: ``(w,)`` when the columns are videos (t2v), ``(c, 1)``
+    when the rows are (v2t ranks the transpose of the same matrix).
+    """
     sim64 = sim.to(torch.float64)
     weight = torch.mul(sim64, temperature)  # (c, w); in-place steps keep one float64 temporary
-    weight -= column_lse  # (w,) broadcast: softmax over all queries of each candidate's column
+    weight -= video_lse  # softmax over all captions of each video
     sim64 *= weight.exp_()
     del weight
     return _round_significand_(sim64)
 
 
-def _dsl_normalisers(text_emb: Tensor, video_emb: Tensor, chunk_size: int, temperature: float) -> tuple[Tensor, Tensor]:
-    """Log-sum-exp of ``T · S`` over the query axis for both directions, in one pass over caption rows.
-
-    Returns ``(video_lse, caption_lse)``: ``(V,)`` float64 logsumexp over all captions of each video's
-    column (t2v normaliser) and ``(Q,)`` float64 logsumexp over all videos of each caption (v2t
-    normaliser; in caption-row orientation it is a row-wise reduction).
-    """
+def _dsl_normalisers(text_emb: Tensor, video_emb: Tensor, chunk_size: int, temperature: float) -> Tensor:
+    """``(V,)`` float64 log-sum-exp of ``T · S`` over all captions of each video's column, in one pass
+    over caption rows: the one normaliser of DSL, shared by both directions."""
     num_captions, num_videos = text_emb.shape[0], video_emb.shape[0]
     video_lse = torch.full((num_videos,), -math.inf, dtype=torch.float64, device=text_emb.device)
-    caption_lse = torch.full((num_captions,), -math.inf, dtype=torch.float64, device=text_emb.device)
     for start in range(0, num_captions, chunk_size):
         rows64 = text_emb[start : start + chunk_size].to(torch.float64)
-        chunk_captions = caption_lse[start : start + chunk_size]  # views: updated in place
         for col in range(0, num_videos, _COLUMN_TILE):
             sim = _similarity(rows64, video_emb[col : col + _COLUMN_TILE])  # (c, w)
             logits = temperature * sim.to(torch.float64)  # from the float32-rounded S, as _dsl_scores
-            tile_videos = video_lse[col : col + _COLUMN_TILE]
+            tile_videos = video_lse[col : col + _COLUMN_TILE]  # a view: updated in place
             torch.logaddexp(tile_videos, torch.logsumexp(logits, dim=0), out=tile_videos)
-            torch.logaddexp(chunk_captions, torch.logsumexp(logits, dim=1), out=chunk_captions)
-    return video_lse, caption_lse
+    return video_lse
 
 
 def _ranks(
@@ -118,19 +118,21 @@ def _ranks(
     own_offsets: Tensor,
     own_cands: Tensor,
     chunk_size: int,
-    column_lse: Tensor | None,
+    video_lse: Tensor | None,
     temperature: float,
+    videos_are_queries: bool,
 ) -> Tensor:
     """The one ranking core behind both directions, raw or DSL.
 
     Query ``i``'s correct candidates are ``own_cands[own_offsets[i]:own_offsets[i + 1]]`` (CSR:
     ``own_offsets`` is ``(queries + 1,)``, at least one candidate each). Rank = 1 + #(candidates
-    that are not its own with score >= its best own score). ``column_lse``: ``(N,)`` DSL
-    normalisers, or None for raw similarities. Returns ``(queries,)`` int64 on CPU.
+    that are not its own with score >= its best own score). ``video_lse``: ``(V,)`` DSL
+    normalisers, or None for raw similarities; ``videos_are_queries`` says which axis they index
+    (the candidates for t2v, the query rows for v2t). Returns ``(queries,)`` int64 on CPU.
     """
     num_queries, num_cands = query_emb.shape[0], cand_emb.shape[0]
     device = query_emb.device
-    score_dtype = torch.float32 if column_lse is None else torch.float64
+    score_dtype = torch.float32 if video_lse is None else torch.float64
     ranks = []
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
@@ -138,8 +140,9 @@ def _ranks(
         scores = torch.empty(stop - start, num_cands, dtype=score_dtype, device=device)  # (c, N)
         for col in range(0, num_cands, _COLUMN_TILE):
             sim = _similarity(rows64, cand_emb[col : col + _COLUMN_TILE])  # (c, w)
-            if column_lse is not None:
-                sim = _dsl_scores(sim, column_lse[col : col + _COLUMN_TILE], temperature)
+            if video_lse is not None:
+                lse = video_lse[start:stop, None] if videos_are_queries else video_lse[col : col + _COLUMN_TILE]
+                sim = _dsl_scores(sim, lse, temperature)
             scores[:, col : col + sim.shape[1]] = sim
 
         # Own scores are gathered from the same matrix (never recomputed), so the best own candidate
@@ -204,8 +207,9 @@ def retrieval_ranks(
         chunk_size: query rows scored at once; results do not depend on it. Peak memory beyond the
             inputs is about ``4·chunk_size·max(Q, V)`` bytes (``8·`` with DSL) plus a per-tile
             term independent of ``Q`` and ``V`` (~65 MB at the default; module doc).
-        dsl: rank dual-softmax re-weighted similarities instead of raw ones (module doc); one extra
-            pass over the similarities (for both directions' normalisers), so ~1.5x the time.
+        dsl: rank dual-softmax re-weighted similarities instead of raw ones, the authors' CLIP-ViP
+            rule: one softmax over captions, v2t ranks the transpose (module doc); one extra pass
+            over the similarities (for the per-video normalisers), so ~1.5x the time.
         dsl_temperature: inverse temperature ``T`` of the DSL softmax, applied to cosine
             similarities (100 matches CLIP's logit scale).
 
@@ -230,11 +234,10 @@ def retrieval_ranks(
     video_offsets = torch.zeros(num_videos + 1, dtype=torch.long, device=device)
     video_offsets[1:] = torch.cumsum(torch.bincount(text_to_video, minlength=num_videos), dim=0)
 
-    video_lse = caption_lse = None
-    if dsl:
-        video_lse, caption_lse = _dsl_normalisers(text_emb, video_emb, chunk_size, dsl_temperature)
-    t2v = _ranks(text_emb, video_emb, caption_offsets, text_to_video, chunk_size, video_lse, dsl_temperature)
-    v2t = _ranks(video_emb, text_emb, video_offsets, video_captions, chunk_size, caption_lse, dsl_temperature)
+    video_lse = _dsl_normalisers(text_emb, video_emb, chunk_size, dsl_temperature) if dsl else None
+    t2v = _ranks(text_emb, video_emb, caption_offsets, text_to_video, chunk_size, video_lse, dsl_temperature, False)
+    # v2t ranks the transpose of the same re-weighted matrix (module doc).
+    v2t = _ranks(video_emb, text_emb, video_offsets, video_captions, chunk_size, video_lse, dsl_temperature, True)
     return t2v, v2t
 
 
@@ -275,6 +278,9 @@ def dsl_metrics(
     temperature: float = 100.0,
 ) -> dict[str, float]:
     """:func:`retrieval_metrics` of dual-softmax re-weighted similarities, keys prefixed ``dsl_``.
+
+    DSL as in the authors' CLIP-ViP evaluation: one softmax over the captions re-weights the
+    (captions x videos) similarities, t2v ranks that matrix and v2t its transpose (module doc).
 
     Args: as :func:`retrieval_ranks`; ``temperature`` is its ``dsl_temperature``.
 

@@ -47,6 +47,8 @@ class QASplit:
     has_caption: Tensor
     dropped_oov: int = 0
     candidate_mask: Tensor | None = None  # (Q, C) multiple choice: False for padding candidates
+    # Questions whose video could not be decoded at load: not in ``records``, counted wrong in evaluation.
+    lost: list[QARecord] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -222,6 +224,7 @@ def _open_split(
         answer=answers,
         has_caption=torch.tensor([r.captions[0].text != NO_CAPTION for r in clips.records]),
         candidate_mask=candidate_mask,
+        lost=[q for q in records if q.video_id not in row_of],
     )
 
 

@@ -1,5 +1,6 @@
-"""Video QA evaluation: top-1 accuracy over every question (out-of-vocabulary answers count wrong), per
-question type, per concept bucket and for rare answers, and the majority-answer baseline."""
+"""Video QA evaluation: top-1 accuracy over every question (out-of-vocabulary answers and questions whose
+video could not be decoded count wrong), per question type, per concept bucket, for rare answers and for
+systematically mislabelled kinds of question, and the majority-answer baseline."""
 
 from __future__ import annotations
 
@@ -31,48 +32,57 @@ def rare_answers(train: QASplit) -> set[tuple[str, str]]:
 
 @torch.no_grad()
 def evaluate_qa(
-    module: QAModule, split: QASplit, cfg: Config, vocab: AnswerVocab, lost: int = 0, train: QASplit | None = None
+    module: QAModule, split: QASplit, cfg: Config, vocab: AnswerVocab, train: QASplit | None = None
 ) -> dict[str, float]:
     """Top-1 accuracy (percent) over every question of the split, per question type, per concept bucket
-    when the questions carry one, and (given ``train``) on questions whose answer is rare in training
-    (``acc_rare_answers``) or not; ``lost`` questions without a video count as wrong. Under several
-    processes the questions are scored in shares and gathered; every rank returns the metrics."""
+    when the questions carry one, on the questions marked ``confusable`` (their kind of question is
+    systematically mislabelled in training: ``acc_confusable``) and the rest, and (given ``train``) on
+    questions whose answer is rare in training (``acc_rare_answers``) or not. The questions whose video could not be decoded (``split.lost``) count
+    as wrong in every one of these accuracies, not only the overall one. Under several processes the
+    questions are scored in shares and gathered; every rank returns the metrics."""
     scores = question_scores(module, split, cfg)
     if cfg.qa.answer_format == "mc":
         correct = mc_correct(scores, split.answer)
     else:
         correct = open_correct(scores.argmax(1), [q.answer for q in split.records], vocab)
-    total = len(split) + lost
-    metrics = {"accuracy": 100.0 * float(correct.sum()) / total, "num_questions": float(total)}
-    for qtype, value in accuracy_by_type(correct, [q.qtype or "all" for q in split.records]).items():
+    records = [*split.records, *split.lost]
+    correct = torch.cat([correct, torch.zeros(len(split.lost), dtype=torch.bool)])  # (Q + lost,)
+    metrics = {"accuracy": 100.0 * float(correct.sum()) / len(records), "num_questions": float(len(records))}
+    for qtype, value in accuracy_by_type(correct, [q.qtype or "all" for q in records]).items():
         metrics[f"acc_{qtype}"] = value
     if train is not None:
         rare = rare_answers(train)
-        is_rare = torch.tensor([(q.qtype, normalize_answer(q.answer)) in rare for q in split.records])
+        is_rare = torch.tensor([(q.qtype, normalize_answer(q.answer)) in rare for q in records])
         if is_rare.any():
             metrics["acc_rare_answers"] = 100.0 * float(correct[is_rare].float().mean())
         if (~is_rare).any():
             metrics["acc_common_answers"] = 100.0 * float(correct[~is_rare].float().mean())
+    # Questions whose kind the training answers get systematically wrong (SynthVL QA's noise model marks
+    # them "confusable"), against the rest.
+    confusable = torch.tensor([bool(q.meta.get("confusable", False)) for q in records])
+    if confusable.any() and (~confusable).any():
+        metrics["acc_confusable"] = 100.0 * float(correct[confusable].float().mean())
+        metrics["acc_not_confusable"] = 100.0 * float(correct[~confusable].float().mean())
     # Per concept-frequency bucket, over the questions about a concept (count clips have none).
-    with_bucket = [i for i, q in enumerate(split.records) if q.meta.get("bucket") is not None]
+    with_bucket = [i for i, q in enumerate(records) if q.meta.get("bucket") is not None]
     if with_bucket:
-        buckets = [split.records[i].meta["bucket"] for i in with_bucket]
+        buckets = [records[i].meta["bucket"] for i in with_bucket]
         for bucket, value in accuracy_by_type(correct[torch.tensor(with_bucket)], buckets).items():
             metrics[f"acc_{bucket}"] = value
     return metrics
 
 
 def majority_baseline(train: QASplit, split: QASplit) -> float:
-    """Accuracy (percent) of always answering the most frequent training answer of each question type."""
+    """Accuracy (percent) of always answering the most frequent training answer of each question type,
+    over every question of ``split`` (this answer needs no video, so the lost questions count too)."""
     by_type: dict[str, Counter[str]] = {}
     for q in train.records:
         by_type.setdefault(q.qtype, Counter())[normalize_answer(q.answer)] += 1
+    records = [*split.records, *split.lost]
     hits = sum(
-        1
-        for q in split.records
-        if q.qtype in by_type and by_type[q.qtype].most_common(1)[0][0] == normalize_answer(q.answer)
+        1 for q in records if q.qtype in by_type and by_type[q.qtype].most_common(1)[0][0] == normalize_answer(q.answer)
     )
-    return 100.0 * hits / max(1, len(split))
+    return 100.0 * hits / max(1, len(records))
 
 
 @torch.no_grad()

@@ -179,7 +179,6 @@ class VideoQA:
             data.splits[split],
             self.cfg,
             self.vocab,
-            lost=data.lost.get(split, 0),
             train=data.splits.get("train"),
         )
 
