@@ -47,7 +47,7 @@ COMPARISONS = (("margin", "infonce"), ("mama", "margin"), ("mama", "infonce"), (
 REGIMES = ("finetune", "scratch")
 
 
-def variant_overrides(variant: str, margin: float, drop_frac: float = 0.2) -> list[str]:
+def variant_overrides(variant: str, margin: float, drop_frac: float = 0.3) -> list[str]:
     """What distinguishes the variants; everything else is shared. ``small_loss`` is the margin loss with
     the small-loss trick (``loss.drop_frac``) in place of the learned weighting."""
     return {
@@ -93,7 +93,7 @@ def variant_config(
     overrides: list[str],
     regime_extra: list[str],
     margin: float,
-    drop_frac: float = 0.2,
+    drop_frac: float = 0.3,
 ) -> Config:
     extra = regime_extra + overrides + variant_overrides(variant, margin, drop_frac)
     extra += [f"train.seed={seed}", f"train.out_dir={out_dir / f'{variant}_seed{seed}'}", "train.overwrite=true"]
@@ -260,7 +260,7 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     regime: str = "finetune",
-    drop_frac: float = 0.2,
+    drop_frac: float = 0.3,
     pretrained: Path | None = None,
 ) -> dict[str, Any]:
     """Train every variant per seed in ``regime``, evaluate on the test split, write results and plots.
