@@ -38,4 +38,4 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs data/synthvl data/synthvl_pretrain
+	rm -rf $(VENV) runs data/synthvl data/synthvl_quick data/synthvl_pretrain data/synthvl_pretrain_quick
