@@ -233,6 +233,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         config_path=args.config,
         overrides=args.overrides,
         progress=not args.no_progress,
+        jobs=args.jobs,
+        train_pretrained=args.train_pretrained,
     )
     return 0
 
@@ -388,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seeds", type=_int_list, default=[0], help="comma-separated seeds, one run of each variant per seed"
+    )
+    p.add_argument(
+        "--jobs",
+        type=_int_at_least(1, "a positive number of runs"),
+        default=None,
+        help="retrieval: runs trained at once, one torch thread each (default: one per available core); "
+        "the numbers do not depend on it",
+    )
+    p.add_argument(
+        "--train-pretrained",
+        action="store_true",
+        help="retrieval, finetune: pretrain the starting model here instead of using the shipped one, and "
+        "say whether it is byte-identical to it",
     )
     p.add_argument("--config", default=None, help="base config (default: the built-in demo config)")
     p.add_argument("--no-progress", action="store_true")

@@ -97,3 +97,48 @@ def test_fine_tuning_demo_reports_paired_gains(
         diffs = [x["t2v_r1"] - y["t2v_r1"] for x, y in zip(results["per_seed"][a], results["per_seed"][b], strict=True)]
         assert gain["diffs"] == pytest.approx(diffs)
         assert gain["low"] <= gain["mean"] <= gain["high"]
+
+
+def test_the_shipped_model_is_the_default_settings_model_and_is_used_without_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mama.demos.pretrain import SHIPPED_DIR, shipped_model
+
+    key = pretrain_key()
+    shipped = shipped_model(key)
+    # Changing PRETRAIN_CORPUS or PRETRAIN_OVERRIDES changes the key: ship the model they train with it.
+    assert shipped == SHIPPED_DIR / f"synthvl-{key}", "no shipped model for the default pretraining settings"
+    assert ensure_pretrained(tmp_path / "cache") == shipped
+    assert not (tmp_path / "cache").exists()  # nothing generated, nothing trained
+    assert "checksums verified" in capsys.readouterr().err
+    cfg = load_config(None, [f"model.pretrained={shipped}"])
+    module = build_retrieval_module(cfg, create_tokenizer(cfg.model, []))
+    saved = load_file(str(shipped / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in module.model.state_dict().items())
+
+
+def test_a_damaged_shipped_model_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    import shutil
+
+    from mama.demos.pretrain import SHIPPED_DIR, ShippedModelError, compare_with_shipped, shipped_model
+
+    key = pretrain_key()
+    copy = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR / f"synthvl-{key}", copy / f"synthvl-{key}")
+    # A byte-identical model trained elsewhere (as `mama demo --train-pretrained` leaves it) compares equal.
+    trained = tmp_path / f"model-{key}"
+    shutil.copytree(copy / f"synthvl-{key}", trained)
+    assert set(compare_with_shipped(trained, copy).values()) == {True}
+    for weights in (trained / "model.safetensors", copy / f"synthvl-{key}" / "model.safetensors"):
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    assert compare_with_shipped(trained, copy) == {
+        "config.json": True, "model.safetensors": False, "tokenizer/tokenizer.json": True
+    }  # fmt: skip
+    with pytest.raises(ShippedModelError, match=r"model\.safetensors: sha256 differs"):
+        shipped_model(key, copy)
+    weights.unlink()
+    with pytest.raises(ShippedModelError, match=r"model\.safetensors: missing"):
+        shipped_model(key, copy)
+    assert shipped_model("000000000000", copy) is None  # other settings: nothing ships, train it

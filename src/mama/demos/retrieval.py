@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from mama.config import Config, load_config, to_dict
+from mama.demos.parallel import available_cores, train_runs
 from mama.metrics.stats import paired_ci
-from mama.tasks import load_run, train
+from mama.tasks import load_run
 from mama.tasks.retrieval import load_data
 from mama.training.trainer import TrainResult
 
@@ -66,14 +67,18 @@ FINETUNE = ["train.steps=400", "optim.lr=1e-4", "meta.lr=1e-3", "train.log_every
 QUICK = ["data.root=data/synthvl_quick", "data.synthvl_scale=0.3", "train.steps=120", "train.log_every=20"]
 
 
-def regime_overrides(regime: str, quick: bool, progress: bool = True, pretrained: Path | None = None) -> list[str]:
+def regime_overrides(
+    regime: str, quick: bool, progress: bool = True, pretrained: Path | None = None, train_pretrained: bool = False
+) -> list[str]:
     """The overrides of a regime. ``finetune`` starts from ``pretrained`` (a ``mama export`` folder) or, by
-    default, from the model of :func:`mama.demos.pretrain.ensure_pretrained`, trained once and cached."""
+    default, from the model of :func:`mama.demos.pretrain.ensure_pretrained` (the shipped one, or trained
+    once and cached). ``train_pretrained``: train that model here even though one ships, and say whether
+    it is byte-identical to the shipped one."""
     if regime == "scratch":
         return QUICK if quick else []
     if regime != "finetune":
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
-    from mama.demos.pretrain import ensure_pretrained, quick_pretraining
+    from mama.demos.pretrain import compare_with_shipped, ensure_pretrained, quick_pretraining
 
     if pretrained is not None:
         return [*FINETUNE, *(QUICK if quick else []), f"model.pretrained={pretrained}"]
@@ -81,7 +86,14 @@ def regime_overrides(regime: str, quick: bool, progress: bool = True, pretrained
         corpus, pre_overrides = quick_pretraining()
         model = ensure_pretrained(Path("data/synthvl_pretrain_quick"), corpus, pre_overrides, progress=progress)
         return [*FINETUNE, *QUICK, f"model.pretrained={model}"]
-    model = ensure_pretrained(progress=progress)
+    model = ensure_pretrained(progress=progress, use_shipped=not train_pretrained)
+    same = compare_with_shipped(model) if train_pretrained else None
+    if same is not None:
+        verdict = "byte-identical to" if all(same.values()) else "different from"
+        differing = ", ".join(name for name, ok in same.items() if not ok)
+        print(
+            f"the pretrained model trained here is {verdict} the shipped one" + (f" ({differing})" if differing else "")
+        )
     return [*FINETUNE, f"model.pretrained={model}"]
 
 
@@ -251,6 +263,18 @@ def plot_buckets(variants: dict[str, dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
+def _relative_cost(cfg: Config) -> float:
+    """Steps weighted by the meta step's extra cost (about 1.2x a plain step at interval 2)."""
+    return cfg.train.steps * (1.25 if cfg.meta.enabled else 1.0)
+
+
+def _done_line(cfg: Config, result: TrainResult) -> str:
+    return (
+        f"== {Path(cfg.train.out_dir).name}: t2v R@1 {result.metrics.get('t2v_r1', math.nan):.1f} "
+        f"({result.wall_s:.0f} s, {result.step_ms:.0f} ms/step)"
+    )
+
+
 def run_demo(
     out_dir: Path = Path("runs/demo"),
     quick: bool = False,
@@ -262,33 +286,45 @@ def run_demo(
     regime: str = "finetune",
     drop_frac: float = 0.3,
     pretrained: Path | None = None,
+    jobs: int | None = None,
+    train_pretrained: bool = False,
 ) -> dict[str, Any]:
     """Train every variant per seed in ``regime``, evaluate on the test split, write results and plots.
-    ``pretrained``: the model the ``finetune`` regime starts from (default: SynthVL's, cached)."""
+    ``pretrained``: the model the ``finetune`` regime starts from (default: SynthVL's, shipped or cached).
+
+    Every run trains with one torch thread (``train.threads=1`` unless ``overrides`` say otherwise), in
+    ``jobs`` processes at once (default: one per available core, at most one per run): the numbers are
+    the same whatever ``jobs`` is and however many cores the machine has."""
     seeds = seeds or [0]
-    overrides = list(overrides or []) + ([] if progress else ["train.progress=false"])
+    overrides = ["train.threads=1", *(overrides or [])] + ([] if progress else ["train.progress=false"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    regime_extra = regime_overrides(regime, quick, progress, pretrained)
+    regime_extra = regime_overrides(regime, quick, progress, pretrained, train_pretrained)
     first = variant_config(config_path, "mama", seeds[0], out_dir, overrides, regime_extra, margin, drop_frac)
     data = load_data(first, progress=progress)  # decoded once, shared by every run
+    plan = [(seed, variant) for seed in seeds for variant in VARIANT_NAMES]
+    jobs = min(len(plan), available_cores()) if jobs is None else max(1, jobs)
+    # Runs in their own processes have their progress bars off: one bar counts every run's steps.
+    run_extra = overrides + (["train.progress=false"] if jobs > 1 else [])
+    cfgs = [
+        variant_config(config_path, v, seed, out_dir, run_extra, regime_extra, margin, drop_frac) for seed, v in plan
+    ]
+    if progress:
+        print(
+            f"== {regime}: {len(plan)} runs ({', '.join(VARIANT_NAMES)} x seeds {','.join(map(str, seeds))}), "
+            f"{jobs} at a time, {cfgs[0].train.threads or 'default'} torch thread(s) each; margin={margin}, "
+            f"small-loss drop_frac={drop_frac}",
+            flush=True,
+        )
+    trained = train_runs(cfgs, data, jobs, progress=progress, cost=_relative_cost, on_done=_done_line)
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANT_NAMES}
     mama_dirs: list[Path] = []
     weight_by_noise: list[dict[str, float]] = []
-    for seed in seeds:
-        for variant in VARIANT_NAMES:
-            cfg = variant_config(config_path, variant, seed, out_dir, overrides, regime_extra, margin, drop_frac)
-            if progress:
-                print(
-                    f"== {variant} (seed {seed}, {regime}): margin={cfg.loss.margin} meta={cfg.meta.enabled} "
-                    f"drop_frac={cfg.loss.drop_frac}",
-                    flush=True,
-                )
-            result: TrainResult = train(cfg, data=data)
-            runs[variant].append({**result.metrics, "wall_s": result.wall_s, "step_ms": result.step_ms})
-            if variant == "mama":
-                mama_dirs.append(result.out_dir)
-                weight_by_noise.append(_late_mean_weights(result.history))
+    for (_, variant), result in zip(plan, trained, strict=True):
+        runs[variant].append({**result.metrics, "wall_s": result.wall_s, "step_ms": result.step_ms})
+        if variant == "mama":
+            mama_dirs.append(result.out_dir)
+            weight_by_noise.append(_late_mean_weights(result.history))
     variants = {v: _summarise(r) for v, r in runs.items()}
     gains = paired_gains(runs)
     test = data.splits[first.eval.split]
@@ -306,6 +342,7 @@ def run_demo(
         # Mean MAMA weight per caption noise kind over the second half of training (1.0 = uniform).
         "mama_weight_by_noise": weight_by_noise,
         "config": to_dict(first),
+        "jobs": jobs,
         "skipped_videos": data.skipped,
     }
     tmp = out_dir / "results.json.tmp"
