@@ -16,8 +16,9 @@ threads, and prints:
 
 ``--select-drop``: first choose the small-loss trick's dropped fraction q on the validation split
 (seed 0, highest t2v R@1), then use it for the runs on ``--split``. Runs go to
-``--out/<regime>/<split>/<variant>_seed<k>_t<threads>``; a finished run (metrics.json) is read, not
-rerun, so an interrupted benchmark continues where it stopped. Run it alone: it measures nothing about
+``--out/<regime>/<split>/<variant>_seed<k>_t<threads>``; a finished run (metrics.json, made with the same
+settings) is read, not rerun, so an interrupted benchmark continues where it stopped. Trailing dotted
+overrides (``train.steps=200``) apply to every run. Run it alone: it measures nothing about
 speed, but a second busy process only slows it down.
 """
 
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mama.config import save_config
+from mama.config import load_config, save_config
 from mama.demos.retrieval import (
     REGIMES,
     VARIANT_NAMES,
@@ -45,6 +46,7 @@ from mama.demos.retrieval import (
 )
 
 KEYS = ("t2v_r1", "head_t2v_r1", "mid_t2v_r1", "tail_t2v_r1")
+EXTRA: list[str] = []  # the command line's dotted overrides, applied to every run
 
 
 def run_one(
@@ -54,13 +56,17 @@ def run_one(
     tag = f"_q{drop}" if variant == "small_loss" else ""
     run_dir = out / split / f"{variant}{tag}_seed{seed}_t{threads}"
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
-        return json.loads(metrics_path.read_text())
-    extra = [f"train.threads={threads}", "train.progress=false", f"eval.split={split}"]
+    extra = [*EXTRA, f"train.threads={threads}", "train.progress=false", f"eval.split={split}"]
     cfg = variant_config(None, variant, seed, out, extra, regime_extra, margin, drop)
     cfg.train.out_dir = str(run_dir)
+    requested = run_dir / "requested.yaml"
+    if metrics_path.exists() and requested.exists():
+        # Finished with the same settings: read it. Other settings: train it again.
+        if load_config(requested) == cfg:
+            return json.loads(metrics_path.read_text())
+        print(f"  {run_dir.name}: settings changed since it ran; training it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "requested.yaml")
+    save_config(cfg, requested)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     done = subprocess.run(
@@ -154,7 +160,9 @@ def main() -> None:
     parser.add_argument("--select-drop", default="", help="q candidates for the small-loss trick, chosen on val")
     parser.add_argument("--margin", type=float, default=0.01)
     parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run (use another --out)")
     args = parser.parse_args()
+    EXTRA[:] = args.overrides
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.select_drop = [float(q) for q in args.select_drop.split(",") if q]
     summaries = [bench_regime(regime, args) for regime in args.regimes.split(",")]

@@ -74,3 +74,22 @@ def test_another_users_unreadable_cache_in_a_read_only_folder_costs_only_the_cac
     assert any("ignoring unreadable frame cache" in m and "Permission denied" in m for m in messages), messages
     assert any("cannot write the frame cache" in m for m in messages), messages
     assert again[0] == kept and torch.equal(again[1], frames)
+
+
+def test_decoding_in_several_processes_gives_the_same_frames_and_skips(
+    tiny_synthvl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mama.data.clips as clips
+
+    records = read_jsonl(tiny_synthvl / "test.jsonl")[:12]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video")
+    records[5] = VideoRecord(id="broken", video=broken, captions=records[5].captions)
+    with pytest.warns(UserWarning, match="skipping video .*broken.mp4"):
+        one = _load(tmp_path / "one", records)
+    monkeypatch.setattr(clips, "_POOL_MIN_VIDEOS", 2)
+    assert clips.decode_processes(len(records)) > 1 or (os.cpu_count() or 1) == 1
+    with pytest.warns(UserWarning, match="skipping video .*broken.mp4"):
+        many = _load(tmp_path / "many", records)
+    assert many[0] == one[0] == [i for i in range(12) if i != 5]
+    assert torch.equal(many[1], one[1]) and many[2] == one[2] and len(one[2]) == 1

@@ -17,11 +17,13 @@ counts (as a miss, most likely) instead of silently leaving the test set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,22 +381,62 @@ def _probe_all(records: list[VideoRecord], desc: str, progress: bool) -> tuple[l
     return kept, lengths, skipped
 
 
+# Below this many videos a pool's start-up costs more than it saves.
+_POOL_MIN_VIDEOS = 64
+
+
+def _decode_one(task: tuple[int, Path, int, int]) -> tuple[int, Any, str | None]:
+    """Worker: ``(index, frames as a uint8 numpy array or None, error or None)`` for one video."""
+    i, video, frame_size, cached_frames = task
+    try:
+        total = probe_video(video).num_frames
+        if total <= 0:
+            raise VideoDecodeError(f"{video}: no frames")
+        return i, decode_clip(video, uniform_indices(total, cached_frames).tolist(), frame_size).numpy(), None
+    except VideoDecodeError as exc:
+        return i, None, str(exc)
+
+
+def _pool_init() -> None:
+    torch.set_num_threads(1)  # parallelism is across videos
+
+
+def decode_processes(num_videos: int) -> int:
+    """Processes to decode ``num_videos`` with: one per core this process may use (its CPU affinity,
+    which container limits set), at most 8, and 1 for a few videos or where ``fork`` is missing."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if num_videos < _POOL_MIN_VIDEOS or "fork" not in mp.get_all_start_methods():
+        return 1
+    return max(1, min(8, cores))
+
+
 def _decode_all(
     records: list[VideoRecord], frame_size: int, cached_frames: int, desc: str, progress: bool
 ) -> tuple[list[int], list[Tensor], list[str]]:
+    """Decode every record, in :func:`decode_processes` forked processes (the same frames in any number)."""
+    tasks = [(i, record.video, frame_size, cached_frames) for i, record in enumerate(records)]
+    processes = decode_processes(len(tasks))
     kept, clips, skipped = [], [], []
-    for i, record in enumerate(tqdm(records, desc=desc, unit="video", disable=not progress, leave=False)):
-        try:
-            total = probe_video(record.video).num_frames
-            if total <= 0:
-                raise VideoDecodeError(f"{record.video}: no frames")
-            clip = decode_clip(record.video, uniform_indices(total, cached_frames).tolist(), frame_size)
-        except VideoDecodeError as exc:
-            warnings.warn(f"skipping video {exc}", stacklevel=2)
-            skipped.append(str(exc))
-            continue
-        kept.append(i)
-        clips.append(clip)
+    results: Iterator[tuple[int, Any, str | None]]
+    with contextlib.ExitStack() as stack:
+        if processes > 1:
+            # fork, like the DataLoader's workers: workers run PyAV and one-thread torch ops only.
+            pool = stack.enter_context(mp.get_context("fork").Pool(processes, initializer=_pool_init))
+            results = pool.imap(_decode_one, tasks, chunksize=8)  # in order
+        else:
+            results = map(_decode_one, tasks)
+        for i, frames, error in tqdm(
+            results, total=len(tasks), desc=desc, unit="video", disable=not progress, leave=False
+        ):
+            if error is not None:
+                warnings.warn(f"skipping video {error}", stacklevel=2)
+                skipped.append(error)
+                continue
+            kept.append(i)
+            clips.append(torch.from_numpy(frames))
     return kept, clips, skipped
 
 

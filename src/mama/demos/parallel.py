@@ -93,6 +93,10 @@ def train_runs(
             if on_done is not None and progress:
                 print(on_done(cfg, results[-1]), flush=True)
         return results
+    # torch.optim imports torch._dynamo when it builds its first optimizer: 1-8 s (the longer when the
+    # modules are not byte-compiled yet), paid by every child. Imported here once, the children inherit it.
+    import torch._dynamo  # noqa: F401
+
     ctx = mp.get_context("fork")
     order = sorted(range(len(cfgs)), key=lambda i: -(cost(cfgs[i]) if cost else 0.0))
     running: dict[int, tuple[Any, Connection, float]] = {}
