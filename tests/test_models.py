@@ -1,6 +1,7 @@
 import functools
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +29,10 @@ def _tiny(name: str) -> ModelConfig:
         cfg.pretrained = str(_tiny_clip_folder())
         cfg.temporal = "seqTransf"
         cfg.temporal_layers = 1
+    if name == "clip_vip":
+        # The same tiny CLIP with proxies, a temporal embedding (frame order matters) and the adapters.
+        cfg.pretrained = str(_tiny_clip_folder())
+        cfg.add_cls_num, cfg.temporal_size, cfg.adapters, cfg.adapter_dim = 2, T, True, 8
     return cfg
 
 
@@ -38,8 +43,9 @@ def _tiny_clip_folder() -> Path:
     return save_tiny_clip(Path(tempfile.mkdtemp(prefix="mama_test_models_clip_")), image_size=SIZE, patch_size=8)
 
 
-def _build(name: str) -> tuple[torch.nn.Module, object]:
+def _build(name: str, grad_checkpointing: bool = False) -> tuple[torch.nn.Module, object]:
     cfg = _tiny(name)
+    cfg.grad_checkpointing = grad_checkpointing
     tokenizer = create_tokenizer(cfg, CAPTIONS)
     torch.manual_seed(0)
     model = create_model(cfg, tokenizer)
@@ -89,6 +95,42 @@ def test_video_tower_sees_frame_order(name: str) -> None:
         forward = model.encode_video(video)
         reversed_ = model.encode_video(video.flip(1))  # same frames, played backwards
     assert (forward - reversed_).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_gradient_checkpointing_keeps_the_exact_meta_gradient(name: str) -> None:
+    """The exact meta step's virtual parameters exist for one forward only: a checkpointed block that
+    recomputed itself in backward would run on the real weights instead and silently change the
+    meta-gradient (4.5% on the tiny seqTransf CLIP before the fix). Virtual step over every parameter."""
+    import math
+
+    from mama.config import LossConfig, MetaConfig
+    from mama.tasks.retrieval.module import RetrievalModule
+    from mama.weighting import MetaWeighting, meta_forward_context
+
+    updates = []
+    for checkpointing in (False, True):
+        model, tokenizer = _build(name, grad_checkpointing=checkpointing)
+        task = RetrievalModule(model, LossConfig(margin=0.05, init_logit_scale=math.log(10))).train()
+
+        def batch(texts: list[str], seed: int, tokenizer: Any = tokenizer) -> dict[str, torch.Tensor]:
+            ids, mask = tokenizer(texts)
+            video = torch.randn(len(texts), T, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+            return {"video": video, "input_ids": ids, "attention_mask": mask}
+
+        torch.manual_seed(2)
+        meta = MetaWeighting(
+            MetaConfig(interval=1, zero_init=False, optimizer="sgd", lr=1.0, virtual_lr=1.0, virtual_params=[]), task
+        )
+        before = [p.detach().clone() for p in meta.wnet.parameters()]
+        with meta_forward_context(True):
+            losses = task(batch(CAPTIONS, seed=3))["loss_per_sample"]
+            meta.step(task, losses, batch(CAPTIONS[::-1], seed=4), step=0)
+        # SGD at lr 1 from a zero momentum buffer: the change of the net is its meta-gradient.
+        updates.append([p.detach() - b for p, b in zip(meta.wnet.parameters(), before, strict=True)])
+        assert max(u.abs().max().item() for u in updates[-1]) > 1e-7, "zero meta-gradient"
+    for a, b in zip(*updates, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
 def test_too_many_frames_raises() -> None:

@@ -91,6 +91,16 @@ class ModelConfig:
     pretrained: str = ""  # pretrained backbone: Hugging Face hub id or local folder (e.g. openai/clip-vit-base-patch32)
     temporal: Temporal = "meanP"  # CLIP frame aggregation: "meanP" (mean pooling) | "seqTransf" (temporal transformer)
     temporal_layers: int = 4  # seqTransf depth
+    # CLIP-ViP (model "clip_vip", mama.models.clip_vip; the authors' settings in their comments). None of
+    # these apply to the other models.
+    add_cls_num: int = 3  # learned video proxy tokens besides [CLS] (authors: 3)
+    temporal_size: int = 12  # frames the temporal embedding is learned for; other counts interpolate it (authors: 12)
+    temporal_embed: bool = True  # learned temporal embedding added to every patch token of a frame
+    adapters: bool = False  # the MAMA authors' bottleneck adapters (True) or a plain CLIP-ViP (False)
+    adapter_dim: int = 2048  # hidden width of every adapter (authors: 2048)
+    # CLIP config and tokenizer (hub id or folder, e.g. openai/clip-vit-base-patch32) when model.pretrained
+    # is a CLIP-ViP checkpoint file, which holds weights only; "" = model.pretrained itself.
+    clip_config: str = ""
 
 
 @dataclass
@@ -305,6 +315,10 @@ RULES: dict[str, Rule] = {
     "model.max_text_length": at_least(3),  # the word tokenizer's start and end tokens and one word
     "model.pretrained": ANY_TEXT,
     "model.temporal_layers": at_least(0),  # seqTransf needs >= 1: check_consistency
+    "model.add_cls_num": at_least(0),  # 0: [CLS] is the only proxy
+    "model.temporal_size": at_least(1),
+    "model.adapter_dim": at_least(1),
+    "model.clip_config": ANY_TEXT,
     "loss.margin": within(0, math.pi / 2, "pi/2"),  # radians; from pi/2 on, cos(theta - mu) favours right angles
     "loss.init_logit_scale": at_least(0),  # mama.losses.LogitScale keeps the log scale in [0, max]
     "loss.max_logit_scale": at_least(0),

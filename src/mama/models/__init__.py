@@ -4,7 +4,7 @@ saved and reloaded as folders with ``save_pretrained`` / ``from_pretrained``."""
 # Importing the model files registers the built-in models (as timm does): every import of mama.models or
 # of one of its submodules runs this first, so the registry is complete before anyone can query it. Cheap:
 # clip imports transformers only inside its functions, and `import mama` does not import mama.models.
-from mama.models import clip, dual_encoder  # noqa: F401  registers them
+from mama.models import clip, clip_vip, dual_encoder  # noqa: F401  registers them
 from mama.models.pretrained import from_pretrained, save_pretrained
 from mama.models.registry import (
     ModelSpec,

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mama.config import ModelConfig
-from mama.models.layers import Block, run_blocks
+from mama.models.layers import Block, holds_computed_parameters, run_blocks
 from mama.models.registry import ModelSpec, register_model
 
 if TYPE_CHECKING:
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 # OpenAI CLIP's pixel statistics (RGB, on 0..1 pixels): the pretrained towers expect frames normalised so.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -125,6 +125,19 @@ class CLIPTextAsset:
         self.clip_config.save_pretrained(str(folder))
 
     @classmethod
+    def from_pretrained(cls, source: str, max_length: int) -> CLIPTextAsset:
+        """CLIP's own tokenizer and config from ``source``: a Hugging Face hub id or a local folder holding a
+        CLIP config and its tokenizer (the weights are not read)."""
+        from transformers import AutoConfig, AutoTokenizer, CLIPConfig
+
+        if Path(source).exists():
+            _check_folder(Path(source), "CLIP model")
+        clip_config = AutoConfig.from_pretrained(source)
+        if not isinstance(clip_config, CLIPConfig):
+            raise TypeError(f"{source}: expected a CLIP model config, got {type(clip_config).__name__}")
+        return cls(AutoTokenizer.from_pretrained(source), clip_config, max_length)
+
+    @classmethod
     def load(cls, folder: Path, max_length: int) -> CLIPTextAsset:
         """Read back what :meth:`save` wrote (offline: no hub access)."""
         from transformers import AutoTokenizer, CLIPConfig
@@ -143,7 +156,35 @@ def _temporal_heads(dim: int) -> int:
     return heads
 
 
-class CLIPVideoText(nn.Module):
+class CLIPTextTower(nn.Module):
+    """CLIP's text tower as the text side of a video model: ``self.clip`` is a transformers ``CLIPModel``
+    (shared by ``clip`` and ``clip_vip``, whose text towers are CLIP's own)."""
+
+    clip: CLIPModel
+    grad_checkpointing: bool
+
+    def _checkpoint_real_layers_only(self, layers: Iterable[nn.Module]) -> None:
+        """transformers decides per call, from each encoder layer's flag, whether to recompute it in
+        backward: recompute only the layers running on their own weights, never one running on the meta
+        step's virtual parameters (see :func:`mama.models.layers.holds_computed_parameters`)."""
+        if self.grad_checkpointing:
+            for layer in layers:
+                cast(Any, layer).gradient_checkpointing = not holds_computed_parameters(layer)
+
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> (B, L, text hidden size): the text tower's last_hidden_state
+        (after its final layer norm, before pooling and projection; padded positions are meaningless)."""
+        self._checkpoint_real_layers_only(self.clip.text_model.encoder.layers)
+        return self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) ending in EOS then padding -> (B, D) L2-normalised."""
+        self._checkpoint_real_layers_only(self.clip.text_model.encoder.layers)
+        text_emb = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(text_emb, dim=-1)
+
+
+class CLIPVideoText(CLIPTextTower):
     """CLIP image and text towers; frames aggregated by ``meanP`` or ``seqTransf`` (CLIP4Clip)."""
 
     # The pretrained part (trains at optim.backbone_lr); the temporal transformer is new.
@@ -211,6 +252,7 @@ class CLIPVideoText(nn.Module):
             raise ValueError(f"frames are {h}x{w}, the CLIP vision tower takes {self.frame_size}x{self.frame_size}")
         # (B, T, C, H, W) -> (B*T, C, H, W): CLIP sees every frame as an image
         frames = video.flatten(0, 1)
+        self._checkpoint_real_layers_only(self.clip.vision_model.encoder.layers)
         # v5 returns a BaseModelOutputWithPooling whose pooler_output is the projected embedding (B*T, D)
         frame_emb = self.clip.get_image_features(pixel_values=frames).pooler_output
         # (B*T, D) -> (B, T, D)
@@ -230,28 +272,10 @@ class CLIPVideoText(nn.Module):
         # whatever the norm of its CLIP feature.
         return F.normalize(F.normalize(video_tokens, dim=-1).mean(dim=1), dim=-1)
 
-    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (B, L) -> (B, L, text hidden size): the text tower's last_hidden_state
-        (after its final layer norm, before pooling and projection; padded positions are meaningless)."""
-        return self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (B, L) ending in EOS then padding -> (B, D) L2-normalised."""
-        text_emb = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return F.normalize(text_emb, dim=-1)
-
 
 def _build_tokenizer(cfg: ModelConfig, texts: Iterable[str]) -> CLIPTextAsset:
     """CLIP's own tokenizer and config from ``cfg.pretrained`` (the captions are not needed)."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPConfig
-
-    source = _require_pretrained(cfg)
-    if Path(source).exists():
-        _check_folder(Path(source), "CLIP model")
-    clip_config = AutoConfig.from_pretrained(source)
-    if not isinstance(clip_config, CLIPConfig):
-        raise TypeError(f"{source}: expected a CLIP model config, got {type(clip_config).__name__}")
-    return CLIPTextAsset(AutoTokenizer.from_pretrained(source), clip_config, cfg.max_text_length)
+    return CLIPTextAsset.from_pretrained(_require_pretrained(cfg), cfg.max_text_length)
 
 
 def _load_tokenizer(cfg: ModelConfig, folder: Path) -> CLIPTextAsset:
@@ -267,17 +291,21 @@ def _build_model(cfg: ModelConfig, tokenizer: CLIPTextAsset) -> CLIPVideoText:
 
 def _load_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Copy the pretrained CLIP weights of ``cfg.pretrained`` into ``model.clip`` (strict)."""
-    from transformers import CLIPModel
-
     if not isinstance(model, CLIPVideoText):
         raise TypeError(f"expected a CLIPVideoText, got {type(model).__name__}")
-    source = _require_pretrained(cfg)
+    # Strict: a config that does not match the checkpoint must fail here, not train a half-random model.
+    model.clip.load_state_dict(pretrained_clip_state(_require_pretrained(cfg)), strict=True)
+
+
+def pretrained_clip_state(source: str) -> dict[str, Tensor]:
+    """The state dict of the pretrained ``CLIPModel`` at ``source`` (hub id or local folder), without its
+    ``logit_scale`` (the contrastive temperature belongs to the loss)."""
+    from transformers import CLIPModel
+
     if Path(source).exists():
         _check_folder(Path(source), "CLIP model")
     pretrained = CLIPModel.from_pretrained(source)
-    state = {k: v for k, v in pretrained.state_dict().items() if k != "logit_scale"}
-    # Strict: a config that does not match the checkpoint must fail here, not train a half-random model.
-    model.clip.load_state_dict(state, strict=True)
+    return {k: v for k, v in pretrained.state_dict().items() if k != "logit_scale"}
 
 
 register_model(

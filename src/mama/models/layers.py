@@ -36,11 +36,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def holds_computed_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` currently runs on parameters that are results of a computation: the meta step's
+    virtual parameters (``theta - alpha * grad``), which ``torch.func.functional_call`` puts in place for
+    one forward only. Gradient checkpointing must not recompute such a module: the recomputation runs in
+    backward, after ``functional_call`` has put the module's own parameters back, and would silently use
+    them instead of the virtual ones."""
+    return any(p.grad_fn is not None for p in module.parameters())
+
+
 def run_blocks(blocks: nn.ModuleList, x: Tensor, key_padding_mask: Tensor | None, recompute: bool) -> Tensor:
     """Apply ``blocks`` in order; with ``recompute`` (gradient checkpointing) activations inside each
-    block are not stored but recomputed in backward. Non-reentrant, so double backward still works."""
+    block are not stored but recomputed in backward. Non-reentrant, so double backward still works. A
+    block on the meta step's virtual parameters is never recomputed (see :func:`holds_computed_parameters`)."""
     for block in blocks:
-        if recompute and torch.is_grad_enabled():
+        if recompute and torch.is_grad_enabled() and not holds_computed_parameters(block):
             x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
         else:
             x = block(x, key_padding_mask)
