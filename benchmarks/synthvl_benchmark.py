@@ -166,7 +166,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.select_drop = [float(q) for q in args.select_drop.split(",") if q]
     summaries = [bench_regime(regime, args) for regime in args.regimes.split(",")]
-    path = Path(args.out) / f"summary_{args.split}.json"
+    path = Path(args.out) / f"summary_{args.regimes.replace(',', '_')}_{args.split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summaries, indent=2))
     print(f"\nsummary: {path}")

@@ -1,4 +1,10 @@
-"""The ``mama`` command. Each sub-command is a thin wrapper over one library function."""
+"""The ``mama`` command. Each sub-command is a thin wrapper over one library function.
+
+Every library import happens inside the command that needs it: ``mama --help``, ``mama keyframes``
+and ``mama search`` up to loading its model never import torch or transformers
+(``tests/test_cli_light.py``), since importing torch alone takes longer than finding a 4-s clip's
+keyframes.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from mama.checkpoint import CheckpointError
-from mama.config import ConfigError
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -112,10 +115,10 @@ def _cmd_keyframes(args: argparse.Namespace) -> int:
 
 
 def _caption_config(args: argparse.Namespace) -> Any:
-    from mama.augment.captioner import CaptionConfig
+    from mama.augment.captioner import DEFAULT_MODEL, DEFAULT_PROMPT, CaptionConfig
 
     return CaptionConfig(
-        model=args.model, prompt=args.prompt, num_captions=args.num_captions, temperature=args.temperature,
+        model=args.model or DEFAULT_MODEL, prompt=args.prompt or DEFAULT_PROMPT, num_captions=args.num_captions, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         multi_frame=args.multi_frame, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
         repeat_ngram=args.repeat_ngram,
@@ -178,10 +181,13 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 
 
 def _add_caption_args(p: argparse.ArgumentParser) -> None:
-    from mama.augment.captioner import DEFAULT_MODEL, DEFAULT_PROMPT
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="LLaVA hub id or local folder (LLaVA-1.5 / LLaVA-NeXT)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    # Defaults resolved in _caption_config: the captioner module imports torch, the parser must not.
+    p.add_argument(
+        "--model",
+        default=None,
+        help="LLaVA hub id or local folder (LLaVA-1.5 / LLaVA-NeXT; default: mama.augment.captioner.DEFAULT_MODEL)",
+    )
+    p.add_argument("--prompt", default=None, help="default: mama.augment.captioner.DEFAULT_PROMPT")
     p.add_argument("--num-captions", type=int, default=2, help="generations per video")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -207,6 +213,7 @@ def _add_caption_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from mama.config import ConfigError
     from mama.demos.retrieval import run_demo
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -380,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--regime",
         choices=("finetune", "scratch"),
         default="finetune",
-        help="retrieval: fine-tune a pretrained SynthVL model (MAMA's regime; pretrained once and cached) or train from scratch",
+        help="retrieval: fine-tune a pretrained SynthVL model (MAMA's regime; the shipped one, or --train-pretrained) or train from scratch",
     )
     p.add_argument(
         "--drop-frac",
@@ -411,11 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors reported as one line (exit 2): OSError (a missing file or model folder), ValueError
+    (ConfigError is one), and CheckpointError when :mod:`mama.checkpoint` was loaded at all (it
+    imports torch, so a command that never loaded it cannot have raised it)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    checkpoint = sys.modules.get("mama.checkpoint")
+    if checkpoint is not None:
+        errors.append(checkpoint.CheckpointError)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OSError, CheckpointError, ValueError) as exc:  # OSError: a missing file or model folder
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"mama {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
