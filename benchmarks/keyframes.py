@@ -21,6 +21,23 @@ keeping the 9x9 blur unscaled at 64 px would cost in found cuts.
 
     python benchmarks/keyframes.py [--quick] [--keep DIR]
 
+With ``--camera`` it instead measures camera-like clips (``benchmarks/camera_videos.py``: 1080p and
+4K, H.264 and HEVC with B-frames, one GOP; ``--camera-seconds`` long, 4 by default), side by side
+and interleaved over ``--repeats`` rounds (medians):
+
+- process wall time of ``mama keyframes CLIP --json`` (the console script, which imports no torch),
+  of the same command in a process that imports torch first (what every ``mama`` command paid
+  before the command line became lazy), of a process that only decodes every frame with PyAV
+  (frame threads, as the keyframe pass), and of ``python -c "import torch"``;
+- in-process: :func:`mama.augment.keyframes.extract_keyframes` against decoding every frame of the
+  same file with the same threading (the decode floor).
+
+    python benchmarks/keyframes.py --camera [--camera-sizes 1080p,4k] [--camera-codecs h264,hevc]
+                                   [--camera-seconds 4] [--repeats 5] [--keep DIR]
+
+The authors' OpenCV detector and a cv2 full-resolution pipeline are not measured here: OpenCV is
+not installed in this environment (nor decord).
+
 Run it alone: a second busy process on 2 cores distorts the timings.
 """
 
@@ -214,14 +231,101 @@ def cut_recall(peaks: list[int], cuts: list[int]) -> str:
     return f"{found}/{len(cuts)} cuts, {far} other"
 
 
+_DECODE_ONLY = """
+import sys, av
+container = av.open(sys.argv[1])
+stream = container.streams.video[0]
+stream.thread_type = "AUTO"
+for frame in container.decode(stream):
+    pass
+"""
+
+
+def _mama_command() -> list[str]:
+    script = Path(sys.executable).with_name("mama")  # the console script a user runs
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mama.cli"]
+
+
+def _process_commands(path: Path) -> dict[str, list[str]]:
+    keyframes = ["keyframes", str(path), "--json"]
+    with_torch = f"import sys, torch; from mama.cli import main; sys.exit(main({keyframes!r}))"
+    return {
+        "mama keyframes": _mama_command() + keyframes,
+        "... after import torch": [sys.executable, "-c", with_torch],
+        "decode-only process": [sys.executable, "-c", _DECODE_ONLY, str(path)],
+        "import torch": [sys.executable, "-c", "import torch"],
+    }
+
+
+def _decode_every_frame(path: Path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
+
+
+def camera_benchmark(args: argparse.Namespace) -> None:
+    """The ``--camera`` mode (module doc)."""
+    import statistics
+
+    from camera_videos import make_camera_set
+    from mama.augment.keyframes import extract_keyframes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.keep or Path(tmp)
+        start = time.perf_counter()
+        clips = make_camera_set(
+            out_dir, args.camera_sizes.split(","), args.camera_codecs.split(","), args.camera_seconds
+        )
+        print(f"generated {len(clips)} camera-like clips in {time.perf_counter() - start:.0f} s into {out_dir}")
+        print(f"medians of {args.repeats} interleaved rounds; ratios against the decode floor of the same clip")
+        for clip in clips:
+            name = f"{clip.width}x{clip.height} {clip.codec} {clip.num_frames} frames"
+            commands = _process_commands(clip.path)
+            times: dict[str, list[float]] = {label: [] for label in commands}
+            inproc: dict[str, list[float]] = {"extract_keyframes": [], "decode every frame": []}
+            keyframes = None
+            for _ in range(args.repeats):
+                for label, cmd in commands.items():
+                    t0 = time.perf_counter()
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    times[label].append(time.perf_counter() - t0)
+                    if label == "mama keyframes":
+                        keyframes = json.loads(done.stdout)
+                t0 = time.perf_counter()
+                result = extract_keyframes(clip.path, num=NUM_KEYFRAMES, threshold=THRESHOLD)
+                inproc["extract_keyframes"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                _decode_every_frame(clip.path)
+                inproc["decode every frame"].append(time.perf_counter() - t0)
+            assert keyframes is not None and keyframes["keyframes"] == result.keyframes
+            process_floor = statistics.median(times["decode-only process"])
+            print(f"\n{name}: cuts {clip.cuts} (darker {clip.darker_cuts}), peaks {result.peaks}")
+            for label, values in times.items():
+                med = statistics.median(values)
+                print(f"  process  {label:<24} {med:7.2f} s  {med / process_floor:5.2f}x")
+            floor = statistics.median(inproc["decode every frame"])
+            for label, values in inproc.items():
+                med = statistics.median(values)
+                print(f"  in-proc  {label:<24} {med:7.2f} s  {med / floor:5.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter videos (about a minute in all)")
     parser.add_argument("--keep", type=Path, default=None, help="write the videos here and keep them")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--camera", action="store_true", help="camera-like clips: process wall time and decode floor")
+    parser.add_argument("--camera-sizes", default="1080p,4k")
+    parser.add_argument("--camera-codecs", default="h264,hevc")
+    parser.add_argument("--camera-seconds", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=5, help="--camera: interleaved rounds (medians)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]))
+        return
+    if args.camera:
+        camera_benchmark(args)
         return
 
     specs = (

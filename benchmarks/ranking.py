@@ -1,17 +1,27 @@
-"""Wall time and peak memory of chunked retrieval ranking versus a dense (N, N) similarity matrix.
+"""Wall time and peak memory of retrieval ranking against the bare similarity matmul, side by side.
 
 N captions x N videos (one caption per video), d-dim random unit vectors in float32, captions noisy
-copies of their videos so that recalls are neither 0 nor 100%:
+copies of their videos so that recalls are neither 0 nor 100%. Methods:
 
-    python benchmarks/ranking.py [--sizes 10000,50000,100000] [--quick] [--chunk-size 1024]
-                                 [--max-dense-gb 6] [--dim 512]
+- ``matmul``: the bare float32 similarity product and nothing else, dense ``(N, N)`` where it fits
+  in ``--max-dense-gb``, else the library's tiles written into one reused buffer;
+- ``matmul_tiled``: the bare product in the library's tiles (reused buffer), always;
+- ``matmul_split``: the same tiles shared out to one Python thread per torch thread, each running
+  torch single-threaded: the one pass's own schedule without the counting;
+- ``one_pass``: :func:`mama.metrics.retrieval.retrieval_ranks` (one float32 pass, both directions);
+- ``two_pass``: the previous chunked path (float64 products, one pass per direction);
+- ``dense``: a float64 ``(N, N)`` matrix and two comparisons (skipped above ``--max-dense-gb``).
+
+    python benchmarks/ranking.py [--sizes 10000,100000] [--repeats 3] [--quick] [--chunk-size 1024]
+                                 [--max-dense-gb 6] [--slow-max-n 20000] [--dim 512] [--threads 2]
 
 Every measurement runs in a fresh subprocess (``--worker``), so peak memory is that process's
 ``ru_maxrss``; the inputs are generated block by block (no large temporaries) and the process is
 warmed up before the baseline is read, so ``extra = peak - baseline`` is the memory the ranking
-itself needed. Dense is skipped when its ``N·N·4·3`` bytes (float64 product + float32 matrix)
-exceed ``--max-dense-gb``. Where both ran, the script checks that their ranks and metrics are
-identical. Uses 2 threads; run it alone, a second busy process on 2 cores distorts timings.
+itself needed. Methods alternate within each repeat (matmul, one_pass, two_pass, dense, matmul,
+...) so that load from other processes hits them alike; the table gives medians over repeats and
+each method's time over the fastest bare matmul. ``two_pass`` and ``dense`` are skipped above
+``--slow-max-n``. The script checks that all ranking methods give identical ranks and metrics.
 """
 
 from __future__ import annotations
@@ -20,14 +30,17 @@ import argparse
 import hashlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-from mama.metrics.retrieval import _COLUMN_TILE, metrics_from_ranks, retrieval_ranks
+from mama.metrics.retrieval import _COLUMN_TILE, _two_pass_ranks, metrics_from_ranks, retrieval_ranks
 
 _GEN_BLOCK = 8192  # rows generated at once, so creating the inputs leaves no large peak behind
 
@@ -65,57 +78,90 @@ def dense_ranks(text_emb: torch.Tensor, video_emb: torch.Tensor) -> tuple[torch.
     return t2v, v2t
 
 
+def bare_matmul(text_emb: torch.Tensor, video_emb: torch.Tensor, dense: bool, chunk_size: int) -> None:
+    """Every similarity once in float32, nothing kept: the floor any ranking has to pay."""
+    if dense:
+        text_emb @ video_emb.T  # (Q, V)
+        return
+    rows, cols = min(chunk_size, len(text_emb)), min(_COLUMN_TILE, len(video_emb))
+    buffer = torch.empty(rows * cols)
+    for start in range(0, len(text_emb), rows):
+        block = text_emb[start : start + rows]
+        for col in range(0, len(video_emb), cols):
+            tile = video_emb[col : col + cols]
+            torch.matmul(block, tile.T, out=buffer[: len(block) * len(tile)].view(len(block), len(tile)))
+
+
+def split_matmul(text_emb: torch.Tensor, video_emb: torch.Tensor, chunk_size: int) -> None:
+    """The bare product scheduled as the one pass schedules it: tiles shared out to one Python thread
+    per torch thread, each running torch single-threaded."""
+    threads = torch.get_num_threads()
+    starts = iter(range(0, len(text_emb), chunk_size))
+    lock = threading.Lock()
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        try:
+            while True:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                bare_matmul(text_emb[start : start + chunk_size], video_emb, False, chunk_size)
+        finally:
+            torch.set_num_threads(threads)
+
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(work) for _ in range(threads)]:
+            future.result()
+
+
+METHODS = ("matmul", "matmul_tiled", "matmul_split", "one_pass", "two_pass", "dense")
+FLOORS = ("matmul", "matmul_tiled", "matmul_split")
+RANKING = ("one_pass", "two_pass", "dense")
+
+
 def worker(args: argparse.Namespace) -> None:
     """One measurement; prints a JSON line."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     text_emb, video_emb = make_inputs(args.n, args.dim, args.caption_noise, args.seed)
     text_to_video = torch.arange(args.n)
     # Warm up BLAS/thread pools on a tiny problem so their one-off allocations are in the baseline.
     retrieval_ranks(text_emb[:64], video_emb[:64], text_to_video[:64], chunk_size=16)
+    _two_pass_ranks(text_emb[:64], video_emb[:64], text_to_video[:64], 16)
     dense_ranks(text_emb[:64], video_emb[:64])
+    bare_matmul(text_emb[:64], video_emb[:64], False, 16)
     baseline_max, baseline_now = _max_rss_mb(), _current_rss_mb()
 
+    ranks = None
     start = time.perf_counter()
-    if args.worker == "chunked":
-        t2v, v2t = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=args.chunk_size)
+    if args.worker == "one_pass":
+        ranks = retrieval_ranks(text_emb, video_emb, text_to_video, chunk_size=args.chunk_size)
+    elif args.worker == "two_pass":
+        ranks = _two_pass_ranks(text_emb, video_emb, text_to_video, args.chunk_size)
+    elif args.worker == "dense":
+        ranks = dense_ranks(text_emb, video_emb)
+    elif args.worker == "matmul_split":
+        split_matmul(text_emb, video_emb, args.chunk_size)
     else:
-        t2v, v2t = dense_ranks(text_emb, video_emb)
+        bare_matmul(text_emb, video_emb, args.worker == "matmul" and args.dense_fits, args.chunk_size)
     wall_s = time.perf_counter() - start
     peak = _max_rss_mb()
 
-    digest = hashlib.sha256(t2v.to(torch.int64).numpy().tobytes() + v2t.to(torch.int64).numpy().tobytes())
-    print(
-        json.dumps(
-            {
-                "wall_s": wall_s,
-                "baseline_mb": baseline_max,
-                "baseline_now_mb": baseline_now,
-                "peak_mb": peak,
-                "extra_mb": peak - baseline_max,
-                "metrics": metrics_from_ranks(t2v, v2t),
-                "ranks_sha": digest.hexdigest(),
-            }
-        )
-    )
+    result = {"wall_s": wall_s, "baseline_mb": baseline_max, "baseline_now_mb": baseline_now, "peak_mb": peak}
+    result["extra_mb"] = peak - baseline_max
+    if ranks is not None:
+        t2v, v2t = (r.to(torch.int64) for r in ranks)
+        result["metrics"] = metrics_from_ranks(t2v, v2t)
+        result["ranks_sha"] = hashlib.sha256(t2v.numpy().tobytes() + v2t.numpy().tobytes()).hexdigest()
+    print(json.dumps(result))
 
 
-def measure(method: str, num: int, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        method,
-        "--n",
-        str(num),
-        "--dim",
-        str(args.dim),
-        "--chunk-size",
-        str(args.chunk_size),
-        "--caption-noise",
-        str(args.caption_noise),
-        "--seed",
-        str(args.seed),
-    ]
+def measure(method: str, num: int, args: argparse.Namespace, dense_fits: bool) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--n", str(num), "--dim", str(args.dim)]
+    cmd += ["--chunk-size", str(args.chunk_size), "--caption-noise", str(args.caption_noise)]
+    cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd += ["--dense-fits"] if dense_fits else []
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
@@ -124,63 +170,82 @@ def measure(method: str, num: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="10000,50000,100000", help="comma-separated N")
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated N")
     parser.add_argument("--quick", action="store_true", help="N = 2000, 5000")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the methods; medians reported")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-dense-gb", type=float, default=6.0)
+    parser.add_argument("--slow-max-n", type=int, default=20000, help="largest N for two_pass and dense")
     parser.add_argument("--caption-noise", type=float, default=6.0, help="noise norm relative to the unit video vector")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=["chunked", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dense-fits", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
 
     sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
     print(
-        f"torch {torch.__version__}, 2 threads, d={args.dim}, chunk_size={args.chunk_size}, column tile={_COLUMN_TILE}"
+        f"torch {torch.__version__}, {args.threads} threads, d={args.dim}, chunk_size={args.chunk_size},"
+        f" column tile={_COLUMN_TILE}, {args.repeats} repeat(s), medians"
     )
-    header = f"{'N':>7} {'method':>8} {'wall s':>8} {'baseline MB':>12} {'peak MB':>9} {'extra MB':>9} {'model MB':>9}  R@1 t2v/v2t"
+    header = (
+        f"{'N':>7} {'method':>12} {'wall s':>8} {'x matmul':>9} {'runs':>5} {'peak MB':>8} {'extra MB':>9}  R@1 t2v/v2t"
+    )
     print(header)
     print("-" * len(header))
-    summary = []
     for num in sizes:
-        # The library's peak formula for raw ranking: float32 scores 4·c·N + per-tile temporaries.
-        c, w = min(args.chunk_size, num), min(_COLUMN_TILE, num)
-        model_mb = (4 * c * num + 12 * c * w + 8 * w * args.dim) / 2**20
-        results = {"chunked": measure("chunked", num, args)}
-        dense_gb = num * num * 4 * 3 / 1e9
-        results["dense"] = measure("dense", num, args) if dense_gb <= args.max_dense_gb else None
-        for method, res in results.items():
-            if res is None:
+        dense_gb = num * num * 4 * 3 / 1e9  # float64 product + float32 matrix (dense); float32 only for matmul
+        runnable = []
+        for method in methods:
+            if method in ("two_pass", "dense") and num > args.slow_max_n:
+                print(f"{num:>7} {method:>12}  skipped: N > --slow-max-n {args.slow_max_n}")
+            elif method == "dense" and dense_gb > args.max_dense_gb:
                 print(
-                    f"{num:>7} {method:>8}  skipped: needs {dense_gb:.1f} GB (> --max-dense-gb {args.max_dense_gb:g})"
+                    f"{num:>7} {method:>12}  skipped: needs {dense_gb:.1f} GB (> --max-dense-gb {args.max_dense_gb:g})"
                 )
-            elif "error" in res:
-                print(f"{num:>7} {method:>8}  failed: {res['error']}")
             else:
-                model = f"{model_mb:9.0f}" if method == "chunked" else f"{dense_gb * 1e9 / 2**20:9.0f}"
-                m = res["metrics"]
-                print(
-                    f"{num:>7} {method:>8} {res['wall_s']:8.2f} {res['baseline_mb']:12.0f} {res['peak_mb']:9.0f}"
-                    f" {res['extra_mb']:9.0f} {model}  {m['t2v_r1']:.2f}/{m['v2t_r1']:.2f}"
-                )
-        summary.append((num, results))
+                runnable.append(method)
+        matmul_fits = num * num * 4 / 1e9 <= args.max_dense_gb
+        runs: dict[str, list[dict]] = {method: [] for method in runnable}
+        for _ in range(args.repeats):
+            for method in runnable:  # interleaved: every method sees the same background load
+                runs[method].append(measure(method, num, args, matmul_fits))
 
-    print("\nratios (chunked / dense), where both ran:")
-    for num, results in summary:
-        chunked, dense = results["chunked"], results["dense"]
-        if not dense or "error" in dense or "error" in chunked:
-            print(f"{num:>7}  n/a (dense {'skipped' if dense is None else 'failed'})")
-            continue
-        same = chunked["metrics"] == dense["metrics"] and chunked["ranks_sha"] == dense["ranks_sha"]
-        print(
-            f"{num:>7}  time {chunked['wall_s'] / dense['wall_s']:.2f}x"
-            f"  extra memory {chunked['extra_mb'] / max(dense['extra_mb'], 1e-9):.3f}x"
-            f"  ranks and metrics identical: {same}"
-        )
+        def median(method: str, key: str, runs: dict[str, list[dict]] = runs) -> float:
+            return statistics.median(r[key] for r in runs[method] if "error" not in r)
+
+        ok = {m for m in runnable if runs[m] and all("error" not in r for r in runs[m])}
+        floors = [median(m, "wall_s") for m in FLOORS if m in ok]
+        floor = min(floors) if floors else float("nan")
+        for method in runnable:
+            if method not in ok:
+                print(f"{num:>7} {method:>12}  failed: {next(r['error'] for r in runs[method] if 'error' in r)}")
+                continue
+            wall = median(method, "wall_s")
+            last = runs[method][-1]
+            recall = f"  {last['metrics']['t2v_r1']:.2f}/{last['metrics']['v2t_r1']:.2f}" if "metrics" in last else ""
+            label = f"{method}{' (dense)' if method == 'matmul' and matmul_fits else ''}"
+            print(
+                f"{num:>7} {label:>12} {wall:8.2f} {wall / floor:9.2f} {len(runs[method]):>5}"
+                f" {median(method, 'peak_mb'):8.0f} {median(method, 'extra_mb'):9.0f}{recall}"
+            )
+        per_run = [r for m in RANKING if m in ok for r in runs[m]]
+        if per_run:
+            same = len({(r["ranks_sha"], json.dumps(r["metrics"], sort_keys=True)) for r in per_run}) == 1
+            print(f"{num:>7}  ranks and metrics identical across {sorted(ok & set(RANKING))} x runs: {same}")
+        if "one_pass" in ok and floors:
+            ratios = [
+                o["wall_s"] / min(runs[m][i]["wall_s"] for m in FLOORS if m in ok)
+                for i, o in enumerate(runs["one_pass"])
+            ]
+            print(f"{num:>7}  one_pass / bare matmul per repeat: {' '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

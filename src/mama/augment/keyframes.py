@@ -38,16 +38,17 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import VideoReformatter
-from torch import Tensor
 
-from mama.data.sampling import uniform_indices
+from mama.data.sampling import uniform_indices_array
 from mama.data.video import VideoDecodeError, decode_frames, open_video, probe_video
+
+if TYPE_CHECKING:  # torch only where grids are built: `mama keyframes --json` never imports it
+    from torch import Tensor
 
 __all__ = [
     "Keyframes",
@@ -387,12 +388,12 @@ def choose_keyframes(peaks: list[int], num_frames: int, num: int = 12) -> list[i
     if unique and (unique[0] < 0 or unique[-1] >= num_frames):
         raise ValueError(f"peaks must lie in [0, {num_frames}), got {unique[0]}..{unique[-1]}")
     if num_frames < num:
-        return [int(i) for i in uniform_indices(num_frames, num)]
+        return [int(i) for i in uniform_indices_array(num_frames, num)]
     if len(unique) >= num:
-        return [unique[int(i)] for i in uniform_indices(len(unique), num)]
+        return [unique[int(i)] for i in uniform_indices_array(len(unique), num)]
     # int64 per frame, like the difference signal itself: this does not change how memory scales.
     non_peaks = np.setdiff1d(np.arange(num_frames), np.asarray(unique, dtype=np.int64), assume_unique=True)
-    fill = non_peaks[uniform_indices(non_peaks.size, num - len(unique)).numpy()]
+    fill = non_peaks[uniform_indices_array(non_peaks.size, num - len(unique))]
     return sorted(unique + [int(i) for i in fill])
 
 
@@ -437,6 +438,8 @@ def tile_grid(frames: Tensor | np.ndarray, rows: int = 3, cols: int = 4) -> Tens
     Raises:
         ValueError: bad shape or dtype, ``rows`` / ``cols`` < 1, or more frames than cells.
     """
+    import torch
+
     frames = torch.as_tensor(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must have shape (N, H, W, 3), got {tuple(frames.shape)}")
@@ -506,7 +509,7 @@ def save_image(path: str | os.PathLike[str], rgb: Tensor | np.ndarray) -> Path:
         ValueError: unknown suffix, or ``rgb`` not uint8 ``(H, W, 3)`` with ``H, W >= 1``.
     """
     path = Path(path)
-    image = torch.as_tensor(rgb).numpy() if isinstance(rgb, Tensor) else np.asarray(rgb)
+    image = np.asarray(rgb)  # a CPU tensor converts without a copy; no torch import needed here
     if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{path}: image must have shape (H, W, 3), got {image.shape}")
     if image.dtype != np.uint8:

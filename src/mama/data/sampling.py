@@ -8,22 +8,34 @@ every clip of a batch has the same length.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
-__all__ = ["fps_indices", "segment_random_indices", "uniform_indices"]
+if TYPE_CHECKING:  # imported where tensors are built: keyframe extraction runs without torch
+    import torch
+    from torch import Tensor
+
+__all__ = ["fps_indices", "segment_random_indices", "uniform_indices", "uniform_indices_array"]
+
+
+def uniform_indices_array(num_available: int, num_frames: int) -> np.ndarray:
+    """:func:`uniform_indices` as an int64 numpy array (same float64 arithmetic, same values)."""
+    positions = (np.arange(num_frames, dtype=np.float64) + 0.5) * num_available / num_frames
+    return np.clip(positions.astype(np.int64), 0, num_available - 1)
 
 
 def uniform_indices(num_available: int, num_frames: int) -> Tensor:
     """Centres of ``num_frames`` equal segments of ``range(num_available)`` (repeats when too short)."""
-    positions = (torch.arange(num_frames, dtype=torch.float64) + 0.5) * num_available / num_frames
-    return positions.long().clamp_(0, num_available - 1)
+    import torch
+
+    return torch.from_numpy(uniform_indices_array(num_available, num_frames))
 
 
 def segment_random_indices(num_available: int, num_frames: int, batch: int, generator: torch.Generator) -> Tensor:
     """(batch, num_frames) indices: one random frame inside each of ``num_frames`` equal segments."""
+    import torch
+
     starts = torch.arange(num_frames, dtype=torch.float64) * num_available / num_frames
     width = num_available / num_frames
     jitter = torch.rand(batch, num_frames, generator=generator, dtype=torch.float64) * width
@@ -53,6 +65,8 @@ def fps_indices(
         int64 ``(T,)`` non-decreasing frame indices in ``[0, N)``, ``1 <= T <= max_frames``. On a tie
         between two frames the earlier one is taken.
     """
+    import torch
+
     times = torch.as_tensor(np.asarray(timestamps_s, dtype=np.float64)).reshape(-1)
     if times.numel() == 0:
         raise ValueError("fps_indices needs at least one timestamp")

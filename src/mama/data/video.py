@@ -21,11 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import VideoReformatter
+
+if TYPE_CHECKING:  # torch is imported where tensors are built: `mama keyframes` never loads it
+    import torch
 
 __all__ = [
     "VideoDecodeError",
@@ -316,6 +319,8 @@ def frame_timestamps(path: str | os.PathLike[str]) -> torch.Tensor:
     path = Path(path)
     if path.is_dir():
         raise VideoDecodeError(f"{path}: a frame folder has no timestamps; sample it by index")
+    import torch
+
     index, time_base = _scan_packets(path)
     if not index.pts:
         raise VideoDecodeError(f"{path}: video stream has no frames")
@@ -428,6 +433,8 @@ def _decode_video(
     short_side: int | None,
 ) -> tuple[torch.Tensor, int]:
     """:func:`decode_frames` for a video file; also returns how many frames were decoded (for tests)."""
+    import torch
+
     kept: dict[int, np.ndarray] | None
     if indices is None:
         kept, num_decoded = _decode_sequential(path, None, size, short_side)
@@ -489,6 +496,8 @@ def decode_frames(
             index is negative or past the last frame. The message names the file.
         ValueError: both ``size`` and ``short_side`` given, or a non-positive size.
     """
+    import torch
+
     path = Path(path)
     _check_resize_args(path, size, short_side)
     if indices is not None:

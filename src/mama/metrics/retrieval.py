@@ -5,16 +5,28 @@ width. Several captions may describe the same video; ``text_to_video[q]`` is the
 ``q``'s video. In either direction the *queries* are the rows being ranked (captions for t2v, videos
 for v2t) and the *candidates* are what they rank (``N`` of them: ``V`` for t2v, ``Q`` for v2t).
 
-Memory: the scores of one chunk of ``c`` query rows against all ``N`` candidates are kept
+Raw similarities on the CPU (the common case) are ranked in **one pass**: each ``(c, w)`` tile of
+the caption x video product (``c = chunk_size`` caption rows, ``w = _COLUMN_TILE`` videos) is
+computed once, in float32, and counted for both directions; a tile's entries that lie too close to
+a threshold for float32 to decide are re-scored with the float64 numerics below
+(:func:`_one_pass_ranks`), so the ranks are those of the two-pass path. Peak memory beyond the
+inputs is about ``8·c·w`` bytes per worker thread (float32 tile + four bool masks; 32 MiB at the
+defaults) plus ``O(Q + V)`` vectors, whatever ``Q`` and ``V``. Measured (``benchmarks/ranking.py``,
+2 threads on 2 busy shared cores, d = 512): at 10k x 10k 1.6 s, 1.19x the bare float32 products
+of the same tiles on the same worker threads and 1.0x a dense ``text @ video.T`` (medians of 3),
+where the two-pass path took 11.0 s; at 100k x 100k 172 s, 1.15x those bare products (one run).
+
+The two-pass path (DSL, other devices, reduced-precision float32 matmul modes) ranks each direction
+separately: the scores of one chunk of ``c`` query rows against all ``N`` candidates are kept
 (``4·c·N`` bytes; ``8·c·N`` with DSL, whose scores need float64's exponent range); everything else
-is computed in column tiles of ``w = _COLUMN_TILE`` candidates. Peak memory beyond the inputs is
-about ``4·c·N + 12·c·w + 8·w·d`` bytes (float32 scores + float64 product tile and its float32 copy
-+ float64 candidate tile), and ``8·c·N + 20·c·w + 8·w·d`` with DSL; never a ``(Q, V)`` matrix, nor
-a full-width float64 product, own-caption mask or int64 count. With the default ``c = 1024`` that
-is ~0.47 GB (raw) for N = 100,000. Measured process RSS is higher by ~0.1-0.3 GB: glibc's dynamic
-mmap threshold keeps the freed tile-sized blocks on the heap (``MALLOC_MMAP_THRESHOLD_=1000000``
-brings the measured peak down to the formula). Counting uses ``count_nonzero``: ``mask.sum(dim)``
-would allocate an int64 copy of the mask, 8 bytes per similarity.
+is computed in column tiles of ``w`` candidates. Peak memory beyond the inputs is about
+``4·c·N + 12·c·w + 8·w·d`` bytes (float32 scores + float64 product tile and its float32 copy +
+float64 candidate tile), and ``8·c·N + 20·c·w + 8·w·d`` with DSL; never a ``(Q, V)`` matrix, nor a
+full-width float64 product, own-caption mask or int64 count. With the default ``c = 1024`` that is
+~0.47 GB (raw) for N = 100,000. Measured process RSS is higher by ~0.1-0.3 GB: glibc's dynamic mmap
+threshold keeps the freed tile-sized blocks on the heap (``MALLOC_MMAP_THRESHOLD_=1000000`` brings
+the measured peak down to the formula). Counting uses ``count_nonzero``: ``mask.sum(dim)`` would
+allocate an int64 copy of the mask, 8 bytes per similarity.
 
 Numerics: a BLAS matmul does not give bit-identical results for different batch shapes (on MKL a
 float32 ``a @ b.T`` differs in the last bit from the same rows computed in another chunk, and even
@@ -50,8 +62,11 @@ spurious ties.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -163,6 +178,227 @@ def _ranks(
     return torch.cat(ranks).cpu()
 
 
+# --- One pass over float32 tiles (raw similarities on CPU) -------------------------------------------
+
+_UNIT_ROUNDOFF32 = 2.0**-24
+_SUBNORMAL_STEP = 2.0**-149  # float32's smallest step: absolute rounding error of underflowing values
+_EXACT_BATCH = 2048  # band entries re-scored at once in float64: (2048, d) float64 temporaries
+_COMPARE_ROWS = 32  # tile rows compared at once: 32 x 4096 float32 = 512 KiB, within a core's L2
+
+
+def _one_pass_supported(text_emb: Tensor, video_emb: Tensor) -> bool:
+    """The float32 error bound of :func:`_one_pass_ranks` assumes IEEE float32 products on the CPU:
+    reduced-precision matmul modes (TF32, bf16), non-finite inputs and magnitudes whose float32
+    products could overflow take the exact two-pass path."""
+    dim = text_emb.shape[1]
+    if not (
+        text_emb.device.type == "cpu"
+        and video_emb.device.type == "cpu"
+        and torch.get_float32_matmul_precision() == "highest"
+        and (dim + 4) * _UNIT_ROUNDOFF32 < 0.01
+    ):
+        return False
+    text_max, video_max = _max_abs(text_emb), _max_abs(video_emb)
+    return math.isfinite(text_max) and math.isfinite(video_max) and text_max * video_max * dim < 2.0**100
+
+
+def _max_abs(x: Tensor) -> float:
+    """``max |x|`` (NaN if any entry is NaN); in numpy where it can, which was 5x faster here."""
+    if x.dtype in (torch.float32, torch.float64):
+        values = x.numpy()
+        return max(float(values.max()), -float(values.min()))  # NaN propagates through both
+    return float(x.abs().max())
+
+
+def _exact_scores(text_emb: Tensor, video_emb: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``(n,)`` float32 similarities of the pairs ``(rows[i], cols[i])``, accumulated in float64 and
+    rounded once, the numerics of :func:`_similarity`. Gathers, products and sums run in numpy:
+    in torch they took 15x longer here (2 threads, 10k pairs of d = 512)."""
+
+    def gather64(emb: Tensor, index: Tensor) -> np.ndarray:
+        if emb.dtype in (torch.float32, torch.float64):  # numpy has no bfloat16
+            return emb.numpy()[index.numpy()].astype(np.float64, copy=False)
+        return emb[index].to(torch.float64).numpy()
+
+    out = np.empty(rows.shape[0], dtype=np.float32)
+    for start in range(0, rows.shape[0], _EXACT_BATCH):
+        r, c = rows[start : start + _EXACT_BATCH], cols[start : start + _EXACT_BATCH]
+        out[start : start + _EXACT_BATCH] = np.einsum("ij,ij->i", gather64(text_emb, r), gather64(video_emb, c))
+    return torch.from_numpy(out)
+
+
+def _outward_float32(value64: Tensor, direction: float) -> np.ndarray:
+    """float64 thresholds -> float32, rounded away from the threshold they bound (down for a lower
+    bound, ``direction=-inf``; up for an upper bound, ``+inf``), so the band never shrinks."""
+    value32 = value64.to(torch.float32)
+    inward = value32.to(torch.float64) > value64 if direction < 0 else value32.to(torch.float64) < value64
+    return torch.where(inward, torch.nextafter(value32, torch.full_like(value32, direction)), value32).numpy()
+
+
+def _count_rows(mask: np.ndarray) -> np.ndarray:
+    """``(c, w)`` bool -> ``(c,)`` int64 number of True per row. Eight flags are summed per uint64
+    lane (at most 128 at a time, so no byte overflows into its neighbour): 1/8 of the additions of
+    a plain ``mask.sum(1)``, which would otherwise cost about a third of the comparisons."""
+    rows, width = mask.shape
+    if width % 1024:
+        return np.count_nonzero(mask, axis=1)
+    lanes = mask.view(np.uint64).reshape(rows, -1, 128).sum(2)  # (c, w/1024) uint64, bytes <= 128
+    return lanes.view(np.uint8).reshape(rows, -1).sum(1, dtype=np.int64)
+
+
+def _count_cols(mask: np.ndarray) -> np.ndarray:
+    """``(c, w)`` bool -> ``(w,)`` int64 number of True per column, summing uint64 lanes of eight
+    flags over at most 255 rows at a time (no byte overflows)."""
+    rows, width = mask.shape
+    if width % 8:
+        return np.count_nonzero(mask, axis=0)
+    lanes = mask.view(np.uint64)  # (c, w/8)
+    counts = np.zeros(width, dtype=np.int64)
+    for start in range(0, rows, 255):
+        counts += lanes[start : start + 255].sum(0).view(np.uint8)  # (w,)
+    return counts
+
+
+def _one_pass_ranks(
+    text_emb: Tensor, video_emb: Tensor, text_to_video: Tensor, row_tile: int, column_tile: int
+) -> tuple[Tensor, Tensor]:
+    """Raw t2v and v2t ranks (the rules of :func:`retrieval_ranks`) from one float32 product tile
+    per (caption rows, video columns) block, each tile counted in both directions.
+
+    A float32 product ``z`` differs from the float64-accumulated similarity ``x`` by at most
+    ``γ·‖t‖·‖v‖`` with ``γ = (d+4)u/(1-(d+4)u)``, ``u = 2^-24`` (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, 2nd ed., eq. 3.5, for any summation order; +2 for rounding float64 inputs
+    to float32, +1 more for the float64 accumulation's own error). The threshold ``s`` of a query (its best own score, exact: float64 then float32)
+    gets a band ``s ± m`` with ``m`` = that bound + half a float32 ulp of ``s`` (rounding ``x`` to
+    float32 may reach ``s`` from below) + an underflow term: ``z >= s + m`` surely counts,
+    ``z < s - m`` surely does not, and only the few entries inside the band are re-scored exactly
+    (float64, rounded to float32, as :func:`_similarity`). A tile with many of them (near-duplicate
+    or collapsed embeddings) is re-scored whole in float64 instead, so memory stays bounded by the
+    tile. The own entries ``(q, text_to_video[q])`` are the same set in both directions and are
+    excluded by setting them to ``-inf``.
+
+    Row blocks are shared out to ``torch.get_num_threads()`` worker threads that run torch with
+    one thread each (restored afterwards). Memory beyond the inputs, per worker: ``4·r·w`` (float32
+    tile) + ``4·r·w`` (four bool masks) bytes, plus ``12·r·w`` in a tile re-scored whole;
+    ``(Q,)``/``(V,)`` vectors otherwise.
+    """
+    num_captions, dim = text_emb.shape
+    num_videos = video_emb.shape[0]
+    gamma = (dim + 4) * _UNIT_ROUNDOFF32 / (1 - (dim + 4) * _UNIT_ROUNDOFF32)
+    text32, video32 = text_emb.to(torch.float32), video_emb.to(torch.float32)
+
+    # Exact own scores (Q,) and their per-video maxima (V,): the thresholds of both directions.
+    own = _exact_scores(text_emb, video_emb, torch.arange(num_captions), text_to_video)  # (Q,)
+    best_own = torch.full((num_videos,), -math.inf, dtype=torch.float32)
+    best_own.scatter_reduce_(0, text_to_video, own, reduce="amax")  # (V,)
+    # Norms only size the band: float32 norms (relative error < (d+1)u) padded by 2^-10 are upper bounds.
+    text_norm = torch.linalg.vector_norm(text32, dim=1).to(torch.float64) * (1 + 2**-10)  # (Q,)
+    video_norm = torch.linalg.vector_norm(video32, dim=1).to(torch.float64) * (1 + 2**-10)  # (V,)
+
+    # Underflow: every rounded input and product may be off by one subnormal step (scaled by the other
+    # factor), and the threshold itself by one more.
+    max_abs = _max_abs(text32) + _max_abs(video32)
+    absolute = 4 * (dim + 4) * _SUBNORMAL_STEP * (1 + max_abs) ** 2
+
+    def band(threshold: Tensor, norm: Tensor, other_max_norm: float) -> tuple[np.ndarray, np.ndarray]:
+        thr64 = threshold.to(torch.float64)
+        margin = gamma * norm * other_max_norm + thr64.abs() * _UNIT_ROUNDOFF32 * 2 + absolute
+        return _outward_float32(thr64 - margin, -math.inf), _outward_float32(thr64 + margin, math.inf)
+
+    t2v_lo, t2v_hi = band(own, text_norm, float(video_norm.max()))  # (Q,) each
+    v2t_lo, v2t_hi = band(best_own, video_norm, float(text_norm.max()))  # (V,) each
+    own_np, best_own_np, caption_video = own.numpy(), best_own.numpy(), text_to_video.numpy()
+
+    # Work units are (row block, column tile) pairs handed out in order; each worker counts into its
+    # own (Q,) and (V,) arrays, summed at the end.
+    units = [(r0, c0) for r0 in range(0, num_captions, row_tile) for c0 in range(0, num_videos, column_tile)]
+    workers = max(1, min(torch.get_num_threads(), len(units)))
+    t2v_counts = [np.zeros(num_captions, dtype=np.int64) for _ in range(workers)]
+    v2t_counts = [np.zeros(num_videos, dtype=np.int64) for _ in range(workers)]
+    next_unit = iter(units)
+    lock = threading.Lock()
+
+    def work(worker: int) -> None:
+        t2v_count, v2t_count = t2v_counts[worker], v2t_counts[worker]
+        tile_buf = torch.empty(min(row_tile, num_captions) * min(column_tile, num_videos), dtype=torch.float32)
+        mask_buf = np.empty(tile_buf.shape[0] * 4, dtype=np.bool_)
+        while True:
+            with lock:
+                unit = next(next_unit, None)
+            if unit is None:
+                return
+            r0, c0 = unit
+            r1, c1 = min(r0 + row_tile, num_captions), min(c0 + column_tile, num_videos)
+            rows = text32[r0:r1]
+            shape = (r1 - r0, c1 - c0)
+            sim = torch.matmul(rows, video32[c0:c1].T, out=tile_buf[: shape[0] * shape[1]].view(shape))  # (r, w)
+            sim_np = sim.numpy()
+            own_cols = caption_video[r0:r1] - c0  # (r,)
+            own_rows = np.flatnonzero((own_cols >= 0) & (own_cols < shape[1]))
+            sim_np[own_rows, own_cols[own_rows]] = -np.inf
+
+            size = sim_np.size
+            t2v_lo_mask, t2v_hi_mask, v2t_lo_mask, v2t_hi_mask = (
+                mask_buf[i * size : (i + 1) * size].reshape(shape) for i in range(4)
+            )
+            # t2v: each caption row against its own video's score; v2t: each video column against
+            # its best own caption's score. Same tile, read once per direction and bound.
+            # In slabs of rows that stay in cache through the four comparisons: the tile is read
+            # from memory once, not four times.
+            for s0 in range(0, shape[0], _COMPARE_ROWS):
+                s1, q0, q1 = min(s0 + _COMPARE_ROWS, shape[0]), r0 + s0, min(r0 + s0 + _COMPARE_ROWS, r1)
+                slab = sim_np[s0:s1]
+                np.greater_equal(slab, t2v_lo[q0:q1, None], out=t2v_lo_mask[s0:s1])
+                np.greater_equal(slab, t2v_hi[q0:q1, None], out=t2v_hi_mask[s0:s1])
+                np.greater_equal(slab, v2t_lo[None, c0:c1], out=v2t_lo_mask[s0:s1])
+                np.greater_equal(slab, v2t_hi[None, c0:c1], out=v2t_hi_mask[s0:s1])
+            t2v_sure, v2t_sure = _count_rows(t2v_hi_mask), _count_cols(v2t_hi_mask)
+            t2v_band = _count_rows(t2v_lo_mask) - t2v_sure  # (r,) entries left to re-score exactly
+            v2t_band = _count_cols(v2t_lo_mask) - v2t_sure  # (w,)
+
+            if (int(t2v_band.sum()) + int(v2t_band.sum())) * 8 > size:  # cheaper to redo the tile in float64
+                exact = _similarity(text_emb[r0:r1].to(torch.float64), video_emb[c0:c1]).numpy()  # (r, w)
+                exact[own_rows, own_cols[own_rows]] = -np.inf
+                t2v_count[r0:r1] += np.count_nonzero(exact >= own_np[r0:r1, None], axis=1)
+                v2t_count[c0:c1] += np.count_nonzero(exact >= best_own_np[None, c0:c1], axis=0)
+                continue
+            t2v_count[r0:r1] += t2v_sure
+            v2t_count[c0:c1] += v2t_sure
+            band_rows = np.flatnonzero(t2v_band)
+            if band_rows.size:
+                flat = np.flatnonzero(t2v_lo_mask[band_rows] ^ t2v_hi_mask[band_rows])
+                local_rows, cols = band_rows[flat // shape[1]], flat % shape[1]
+                q, v = torch.from_numpy(local_rows + r0), torch.from_numpy(cols + c0)
+                hits = (_exact_scores(text_emb, video_emb, q, v) >= own[q]).numpy()
+                t2v_count[r0:r1] += np.bincount(local_rows[hits], minlength=shape[0])
+            band_cols = np.flatnonzero(v2t_band)
+            if band_cols.size:
+                flat = np.flatnonzero(v2t_lo_mask[:, band_cols] ^ v2t_hi_mask[:, band_cols])
+                local_rows, cols = flat // band_cols.size, band_cols[flat % band_cols.size]
+                q, v = torch.from_numpy(local_rows + r0), torch.from_numpy(cols + c0)
+                hits = (_exact_scores(text_emb, video_emb, q, v) >= best_own[v]).numpy()
+                v2t_count[c0:c1] += np.bincount(cols[hits], minlength=shape[1])
+
+    if workers == 1:
+        work(0)
+    else:
+        # One torch thread per worker, each on whole tiles: the threshold passes (numpy) then run on
+        # every core, and no OpenMP team spins idle beside them between products (with 2 threads
+        # on 2 cores, the default spin-wait made the numpy passes cost as much as the products).
+        threads = torch.get_num_threads()
+
+        def single_threaded(worker: int) -> None:
+            torch.set_num_threads(1)
+            try:
+                work(worker)
+            finally:
+                torch.set_num_threads(threads)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(single_threaded, range(workers)))
+    return torch.from_numpy(1 + np.sum(t2v_counts, axis=0)), torch.from_numpy(1 + np.sum(v2t_counts, axis=0))
+
+
 def _check_inputs(text_emb: Tensor, video_emb: Tensor, text_to_video: Tensor, chunk_size: int) -> None:
     if text_emb.ndim != 2 or video_emb.ndim != 2:
         raise ValueError(f"expected 2-D embeddings, got text {tuple(text_emb.shape)}, video {tuple(video_emb.shape)}")
@@ -204,8 +440,10 @@ def retrieval_ranks(
         video_emb: ``(V, d)`` L2-normalised video embeddings, on the same device.
         text_to_video: ``(Q,)`` integer index in ``[0, V)`` of each caption's video. Every video
             needs at least one caption (``ValueError`` otherwise).
-        chunk_size: query rows scored at once; results do not depend on it. Peak memory beyond the
-            inputs is about ``4·chunk_size·max(Q, V)`` bytes (``8·`` with DSL) plus a per-tile
+        chunk_size: caption rows (query rows on the two-pass path) scored at once; results do not
+            depend on it. Peak memory beyond the inputs is ``8·chunk_size·4096`` bytes per torch
+            thread for raw ranking on the CPU (one pass); on the two-pass path (DSL, other
+            devices) about ``4·chunk_size·max(Q, V)`` bytes (``8·`` with DSL) plus a per-tile
             term independent of ``Q`` and ``V`` (~65 MB at the default; module doc).
         dsl: rank dual-softmax re-weighted similarities instead of raw ones, the authors' CLIP-ViP
             rule: one softmax over captions, v2t ranks the transpose (module doc); one extra pass
@@ -224,8 +462,25 @@ def retrieval_ranks(
     if dsl and not (math.isfinite(dsl_temperature) and dsl_temperature > 0):
         raise ValueError(f"dsl_temperature must be finite and > 0, got {dsl_temperature}")
     text_emb, video_emb = text_emb.detach(), video_emb.detach()
+    text_to_video = text_to_video.to(device=text_emb.device, dtype=torch.long)
+    if not dsl and _one_pass_supported(text_emb, video_emb):
+        return _one_pass_ranks(text_emb, video_emb, text_to_video, chunk_size, _COLUMN_TILE)
+    return _two_pass_ranks(text_emb, video_emb, text_to_video, chunk_size, dsl=dsl, dsl_temperature=dsl_temperature)
+
+
+def _two_pass_ranks(
+    text_emb: Tensor,
+    video_emb: Tensor,
+    text_to_video: Tensor,
+    chunk_size: int,
+    *,
+    dsl: bool = False,
+    dsl_temperature: float = 100.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`retrieval_ranks` by :func:`_ranks` once per direction, float64 products: the path for
+    DSL, other devices and reduced-precision float32 matmul (and the reference the one pass is
+    benchmarked and tested against)."""
     device = text_emb.device
-    text_to_video = text_to_video.to(device=device, dtype=torch.long)
     num_captions, num_videos = text_emb.shape[0], video_emb.shape[0]
 
     # Own candidates as CSR: each caption owns one video; each video owns its captions.
