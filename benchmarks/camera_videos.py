@@ -16,6 +16,9 @@ writes the clips and prints their frame counts, cut frames and encode times; the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 
 SIZES = {"720p": (720, 1280), "1080p": (1080, 1920), "4k": (2160, 3840)}  # (height, width)
 CODECS = {
@@ -84,6 +88,7 @@ def make_camera_clip(
     previous_gain: float | None = None
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(encoder, rate=fps)
+        assert isinstance(stream, VideoStream)  # the encoder name is not a literal av can type by
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = dict(options)
         index = 0
@@ -112,17 +117,50 @@ def make_camera_clip(
     return CameraClip(path, num_frames, height, width, codec, cuts, darker)
 
 
+def _load_described(path: Path, recipe: dict[str, object]) -> CameraClip | None:
+    """The clip at ``path`` if its sidecar JSON says it was made by ``recipe``, else None."""
+    sidecar = path.with_suffix(".json")
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    try:
+        saved = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        return None
+    if saved.get("recipe") != recipe:
+        return None
+    clip = saved["clip"]
+    return CameraClip(
+        path, clip["num_frames"], clip["height"], clip["width"], clip["codec"], clip["cuts"], clip["darker_cuts"]
+    )
+
+
 def make_camera_set(
     out_dir: Path, sizes: list[str], codecs: list[str], seconds: float, seed: int = 0
 ) -> list[CameraClip]:
-    """One clip per (size, codec) into ``out_dir``, named ``camera_{size}_{codec}.mp4``."""
+    """One clip per (size, codec) into ``out_dir``, named ``camera_{size}_{codec}.mp4``.
+
+    Each clip gets a sidecar ``.json`` with its recipe (size, codec, encoder options, length, seed) and
+    cut frames; a later call with the same recipe reuses the file instead of encoding it again (a 4K
+    HEVC clip takes minutes to encode on 2 cores). The video is written under a temporary name and
+    renamed, and the sidecar after it, so an interrupted run never leaves a clip that looks finished.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
     for size in sizes:
         height, width = SIZES[size]
         for codec in codecs:
             path = out_dir / f"camera_{size}_{codec}.mp4"
-            clips.append(make_camera_clip(path, height, width, codec, seconds, seed=seed))
+            recipe = {"size": size, "codec": codec, "options": CODECS[codec][1], "seconds": seconds, "seed": seed}
+            clip = _load_described(path, recipe)
+            if clip is None:
+                path.with_suffix(".json").unlink(missing_ok=True)
+                tmp = path.with_name(f".{path.stem}.tmp.mp4")
+                made = make_camera_clip(tmp, height, width, codec, seconds, seed=seed)
+                os.replace(tmp, path)
+                clip = dataclasses.replace(made, path=path)
+                described = {k: v for k, v in dataclasses.asdict(clip).items() if k != "path"}
+                path.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "clip": described}))
+            clips.append(clip)
     return clips
 
 

@@ -15,7 +15,21 @@ folder, then times on the same files, interleaved per video:
     python benchmarks/decode.py [--quick] [--videos 6] [--repeats 2] [--keep DIR]
 
 Prints frames delivered per second (12 x videos / s), wall time per video and the ratio to the full
-decode. Run it alone: a second busy process on 2 cores distorts the timings.
+decode.
+
+With ``--camera`` it measures instead the camera-like clips of ``benchmarks/camera_videos.py`` (1080p
+and 4K, H.264 and HEVC with B-frames, one GOP; ``--camera-seconds`` long; with ``--keep DIR`` kept
+and reused), side by side and interleaved over ``--repeats`` rounds (medians of wall and CPU time):
+our sparse decode of 8 and 12 frames (``decode_frames(path, indices=uniform_indices(n, k),
+short_side=224)``), decord's ``VideoReader(path, width=w, height=h).get_batch(indices)`` at the same
+output size (reader construction included, as ours includes opening the file), and a full PyAV decode
+of every frame (frame threads, no conversion: the floor of any sequential decode). Needs decord
+(``pip install -e ".[bench]"``); without it the decord rows are skipped.
+
+    python benchmarks/decode.py --camera [--camera-sizes 1080p,4k] [--camera-codecs h264,hevc]
+                                [--camera-seconds 4] [--repeats 5] [--keep DIR]
+
+Run it alone: a second busy process on 2 cores distorts the timings.
 """
 
 from __future__ import annotations
@@ -104,17 +118,114 @@ def decord_reader() -> Callable[[Path, list[int]], torch.Tensor] | None:
     return read
 
 
+def _decord_batch(path: Path, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
+    import decord
+
+    reader = decord.VideoReader(str(path), width=size[1], height=size[0])
+    return torch.from_numpy(reader.get_batch(indices).asnumpy())
+
+
+def _full_decode_floor(path: Path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
+
+
+def camera_benchmark(args: argparse.Namespace) -> None:
+    """The ``--camera`` mode (module doc)."""
+    import statistics
+    from functools import partial
+
+    from camera_videos import make_camera_set  # next to this script
+    from mama.data.video import probe_video
+
+    try:
+        import decord  # noqa: F401
+
+        with_decord = True
+    except ImportError:
+        with_decord = False
+        print("decord is not installed: skipping the decord rows (pip install -e '.[bench]')")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.keep or Path(tmp)
+        start = time.perf_counter()
+        clips = make_camera_set(
+            out_dir, args.camera_sizes.split(","), args.camera_codecs.split(","), args.camera_seconds
+        )
+        print(f"{len(clips)} camera-like clips ready in {time.perf_counter() - start:.0f} s in {out_dir}")
+        print(
+            f"medians of {args.repeats} interleaved rounds (wall s, CPU s = user + sys of all threads); "
+            f"frames at short side {SHORT_SIDE}; ratios of wall time against the full decode"
+        )
+        summary: list[str] = []
+        for clip in clips:
+            info = probe_video(clip.path)
+            out_h, out_w = decode_frames(clip.path, indices=[0], short_side=SHORT_SIDE).shape[1:3]
+            methods: dict[str, Callable[[], object]] = {}
+            for k in (8, 12):
+                indices = uniform_indices(info.num_frames, k).tolist()
+                methods[f"ours, {k} frames"] = partial(decode_frames, clip.path, indices=indices, short_side=SHORT_SIDE)
+                if with_decord:
+                    methods[f"decord, {k} frames"] = partial(_decord_batch, clip.path, indices, (out_h, out_w))
+            methods["full decode (PyAV)"] = partial(_full_decode_floor, clip.path)
+            wall: dict[str, list[float]] = {name: [] for name in methods}
+            cpu: dict[str, list[float]] = {name: [] for name in methods}
+            for _ in range(args.repeats):
+                for name, method in methods.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    method()
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+            # Same frames as a full decode converted the same way: the sparse path must not change pixels.
+            indices = uniform_indices(info.num_frames, 12).tolist()
+            ours = decode_frames(clip.path, indices=indices, short_side=SHORT_SIDE)
+            reference = decode_frames(clip.path, short_side=SHORT_SIDE)[indices]
+            identical = torch.equal(ours, reference)
+            med = {name: statistics.median(values) for name, values in wall.items()}
+            floor = med["full decode (PyAV)"]
+            print(f"\n{clip.width}x{clip.height} {clip.codec} {info.num_frames} frames -> {out_w}x{out_h}")
+            for name, seconds in med.items():
+                print(
+                    f"  {name:<20} {seconds:7.3f} s  {seconds / floor:5.2f}x   CPU {statistics.median(cpu[name]):6.2f} s"
+                )
+            print(f"  ours (12 frames) identical to the full decode's frames: {'yes' if identical else 'NO'}")
+            if with_decord:
+                ratios = ", ".join(
+                    f"{k}: {med[f'decord, {k} frames'] / med[f'ours, {k} frames']:.2f}x" for k in (8, 12)
+                )
+                summary.append(f"{clip.width}x{clip.height} {clip.codec}: decord / ours {ratios}")
+        if summary:
+            print("\nsummary (decord time / our time; goal >= 1.00 everywhere):")
+            for line in summary:
+                print(f"  {line}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 videos of 8-16 s (about a minute in all)")
     parser.add_argument("--videos", type=int, default=6, help="number of test videos (20-60 s each)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per method and video; the fastest counts")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per method and video; the fastest counts (default 2); --camera: rounds, medians (default 5)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="write the videos here and keep them")
+    parser.add_argument("--camera", action="store_true", help="camera-like 1080p/4K clips against decord")
+    parser.add_argument("--camera-sizes", default="1080p,4k")
+    parser.add_argument("--camera-codecs", default="h264,hevc")
+    parser.add_argument("--camera-seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
+    if args.camera:
+        args.repeats = args.repeats or 5
+        camera_benchmark(args)
+        return
 
     num_videos = 3 if args.quick else args.videos
     lengths = np.linspace(8, 16, num_videos) if args.quick else np.linspace(20, 60, num_videos)
-    repeats = 1 if args.quick else args.repeats
+    repeats = 1 if args.quick else (args.repeats or 2)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)

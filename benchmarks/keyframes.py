@@ -22,21 +22,29 @@ keeping the 9x9 blur unscaled at 64 px would cost in found cuts.
     python benchmarks/keyframes.py [--quick] [--keep DIR]
 
 With ``--camera`` it instead measures camera-like clips (``benchmarks/camera_videos.py``: 1080p and
-4K, H.264 and HEVC with B-frames, one GOP; ``--camera-seconds`` long, 4 by default), side by side
-and interleaved over ``--repeats`` rounds (medians):
+4K, H.264 and HEVC with B-frames, one GOP; ``--camera-seconds`` long, 4 by default; with ``--keep DIR``
+the clips are kept there and reused by later runs), side by side and interleaved over ``--repeats``
+rounds (medians of wall time, and of CPU time, which other jobs on the machine disturb less):
 
 - process wall time of ``mama keyframes CLIP --json`` (the console script, which imports no torch),
   of the same command in a process that imports torch first (what every ``mama`` command paid
   before the command line became lazy), of a process that only decodes every frame with PyAV
   (frame threads, as the keyframe pass), and of ``python -c "import torch"``;
+- the authors' detector as a process: our OpenCV re-implementation of what MAMA's LVLM demo runs
+  (``demo_lvlm.py`` calling ``keyframeDetection`` of video-keyframe-detector): ``cv2.VideoCapture``
+  reads every frame, full-size ``cvtColor`` to gray, ``GaussianBlur`` 9x9, ``cv2.subtract`` with the
+  previous blurred frame and ``countNonZero``, every gray frame kept in a list, peaks of the signal
+  (our :func:`~mama.augment.keyframes.find_peaks`, the peakutils rule they call), and each peak frame
+  written as a JPEG; plus a process that only reads every frame with ``cv2.VideoCapture``;
 - in-process: :func:`mama.augment.keyframes.extract_keyframes` against decoding every frame of the
-  same file with the same threading (the decode floor).
+  same file with the same threading (the decode floor), the same cv2 detector, and cv2 reading
+  every frame.
 
     python benchmarks/keyframes.py --camera [--camera-sizes 1080p,4k] [--camera-codecs h264,hevc]
                                    [--camera-seconds 4] [--repeats 5] [--keep DIR]
 
-The authors' OpenCV detector and a cv2 full-resolution pipeline are not measured here: OpenCV is
-not installed in this environment (nor decord).
+OpenCV (``opencv-python-headless``) comes with the ``bench`` extra (``pip install -e ".[bench]"``);
+without it the cv2 rows are skipped and the benchmark says so.
 
 Run it alone: a second busy process on 2 cores distorts the timings.
 """
@@ -240,21 +248,92 @@ for frame in container.decode(stream):
     pass
 """
 
+_CV2_READ_ONLY = """
+import sys, cv2
+capture = cv2.VideoCapture(sys.argv[1])
+while capture.read()[0]:
+    pass
+"""
+
+
+def cv2_available() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cv2_detector(path: Path, out_dir: Path, threshold: float = THRESHOLD) -> list[int]:
+    """The authors' keyframe detector, re-implemented with OpenCV: returns the peak frame indices.
+
+    Full-size analysis of every frame read by ``cv2.VideoCapture`` (BGR), as video-keyframe-detector's
+    ``keyframeDetection`` does: gray, 9x9 Gaussian blur, saturating difference with the previous blurred
+    frame, count of non-zero pixels; every gray frame is kept to write the peaks afterwards (their
+    structure: memory grows with the video); the peaks, found with the peakutils rule
+    (:func:`~mama.augment.keyframes.find_peaks`), are written to ``out_dir`` as JPEG files.
+    """
+    import cv2
+
+    from mama.augment.keyframes import find_peaks
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise RuntimeError(f"{path}: OpenCV cannot open the video")
+    grays: list[np.ndarray] = []
+    counts: list[float] = []
+    previous: np.ndarray | None = None
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        blurred = cv2.GaussianBlur(gray, (9, 9), 0)
+        counts.append(0.0 if previous is None else float(cv2.countNonZero(cv2.subtract(blurred, previous))))
+        grays.append(gray)
+        previous = blurred
+    capture.release()
+    peaks = find_peaks(np.asarray(counts), threshold)
+    for number, index in enumerate(peaks, start=1):
+        cv2.imwrite(str(out_dir / f"keyframe{number}.jpg"), grays[index])
+    return peaks
+
+
+def _cv2_detector_worker(path: Path) -> None:
+    """``--cv2-detector PATH``: run :func:`cv2_detector` into a temporary folder, print the peaks as JSON."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        print(json.dumps(cv2_detector(path, Path(out_dir))))
+
+
+def _cv2_read_every_frame(path: Path) -> int:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count
+
 
 def _mama_command() -> list[str]:
     script = Path(sys.executable).with_name("mama")  # the console script a user runs
     return [str(script)] if script.exists() else [sys.executable, "-m", "mama.cli"]
 
 
-def _process_commands(path: Path) -> dict[str, list[str]]:
+def _process_commands(path: Path, with_cv2: bool) -> dict[str, list[str]]:
     keyframes = ["keyframes", str(path), "--json"]
     with_torch = f"import sys, torch; from mama.cli import main; sys.exit(main({keyframes!r}))"
-    return {
+    commands = {
         "mama keyframes": _mama_command() + keyframes,
         "... after import torch": [sys.executable, "-c", with_torch],
         "decode-only process": [sys.executable, "-c", _DECODE_ONLY, str(path)],
         "import torch": [sys.executable, "-c", "import torch"],
     }
+    if with_cv2:
+        commands["authors' detector (cv2)"] = [sys.executable, __file__, "--cv2-detector", str(path)]
+        commands["cv2 read-only process"] = [sys.executable, "-c", _CV2_READ_ONLY, str(path)]
+    return commands
 
 
 def _decode_every_frame(path: Path) -> int:
@@ -264,6 +343,11 @@ def _decode_every_frame(path: Path) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def camera_benchmark(args: argparse.Namespace) -> None:
     """The ``--camera`` mode (module doc)."""
     import statistics
@@ -271,43 +355,75 @@ def camera_benchmark(args: argparse.Namespace) -> None:
     from camera_videos import make_camera_set
     from mama.augment.keyframes import extract_keyframes
 
+    with_cv2 = cv2_available()
+    if not with_cv2:
+        print("OpenCV (cv2) is not installed: skipping the cv2 rows (pip install -e '.[bench]')")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.keep or Path(tmp)
         start = time.perf_counter()
         clips = make_camera_set(
             out_dir, args.camera_sizes.split(","), args.camera_codecs.split(","), args.camera_seconds
         )
-        print(f"generated {len(clips)} camera-like clips in {time.perf_counter() - start:.0f} s into {out_dir}")
-        print(f"medians of {args.repeats} interleaved rounds; ratios against the decode floor of the same clip")
+        print(f"{len(clips)} camera-like clips ready in {time.perf_counter() - start:.0f} s in {out_dir}")
+        print(
+            f"medians of {args.repeats} interleaved rounds (wall s, CPU s = user + sys of all threads); "
+            "ratios of wall time against the decode floor of the same clip"
+        )
+        summary: list[str] = []
         for clip in clips:
             name = f"{clip.width}x{clip.height} {clip.codec} {clip.num_frames} frames"
-            commands = _process_commands(clip.path)
-            times: dict[str, list[float]] = {label: [] for label in commands}
-            inproc: dict[str, list[float]] = {"extract_keyframes": [], "decode every frame": []}
-            keyframes = None
+            commands = _process_commands(clip.path, with_cv2)
+            inproc_methods = {
+                "extract_keyframes": lambda p=clip.path: extract_keyframes(p, num=NUM_KEYFRAMES, threshold=THRESHOLD),
+                "decode every frame": lambda p=clip.path: _decode_every_frame(p),
+            }
+            if with_cv2:
+                inproc_methods["cv2 detector"] = lambda p=clip.path: cv2_detector(p, Path(tmp))
+                inproc_methods["cv2 read every frame"] = lambda p=clip.path: _cv2_read_every_frame(p)
+            wall: dict[str, list[float]] = {f"process  {label}": [] for label in commands}
+            wall |= {f"in-proc  {label}": [] for label in inproc_methods}
+            cpu: dict[str, list[float]] = {label: [] for label in wall}
+            keyframes = cv2_peaks = None
             for _ in range(args.repeats):
                 for label, cmd in commands.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), _children_cpu()
                     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    times[label].append(time.perf_counter() - t0)
+                    wall[f"process  {label}"].append(time.perf_counter() - t0)
+                    cpu[f"process  {label}"].append(_children_cpu() - c0)
                     if label == "mama keyframes":
                         keyframes = json.loads(done.stdout)
-                t0 = time.perf_counter()
-                result = extract_keyframes(clip.path, num=NUM_KEYFRAMES, threshold=THRESHOLD)
-                inproc["extract_keyframes"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                _decode_every_frame(clip.path)
-                inproc["decode every frame"].append(time.perf_counter() - t0)
+                    elif label.startswith("authors'"):
+                        cv2_peaks = json.loads(done.stdout)
+                for label, method in inproc_methods.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    method()
+                    wall[f"in-proc  {label}"].append(time.perf_counter() - t0)
+                    cpu[f"in-proc  {label}"].append(time.process_time() - c0)
+            result = extract_keyframes(clip.path, num=NUM_KEYFRAMES, threshold=THRESHOLD)
             assert keyframes is not None and keyframes["keyframes"] == result.keyframes
-            process_floor = statistics.median(times["decode-only process"])
-            print(f"\n{name}: cuts {clip.cuts} (darker {clip.darker_cuts}), peaks {result.peaks}")
-            for label, values in times.items():
-                med = statistics.median(values)
-                print(f"  process  {label:<24} {med:7.2f} s  {med / process_floor:5.2f}x")
-            floor = statistics.median(inproc["decode every frame"])
-            for label, values in inproc.items():
-                med = statistics.median(values)
-                print(f"  in-proc  {label:<24} {med:7.2f} s  {med / floor:5.2f}x")
+            print(f"\n{name}: cuts {clip.cuts} (darker {clip.darker_cuts})")
+            print(f"  mama keyframes: {len(result.peaks)} peaks, {cut_recall(result.peaks, clip.cuts)}")
+            if cv2_peaks is not None:
+                print(f"  authors' detector (full size): {len(cv2_peaks)} peaks, {cut_recall(cv2_peaks, clip.cuts)}")
+            med = {label: statistics.median(values) for label, values in wall.items()}
+            process_floor, inproc_floor = med["process  decode-only process"], med["in-proc  decode every frame"]
+            for label, seconds in med.items():
+                floor = process_floor if label.startswith("process") else inproc_floor
+                print(
+                    f"  {label:<33} {seconds:7.2f} s  {seconds / floor:5.2f}x"
+                    f"   CPU {statistics.median(cpu[label]):6.2f} s"
+                )
+            ours = med["process  mama keyframes"]
+            line = f"{name}: mama keyframes {ours / process_floor:.2f}x the decode-only process"
+            line += f", extract_keyframes {med['in-proc  extract_keyframes'] / inproc_floor:.2f}x the decode floor"
+            if with_cv2:
+                detector = med["process  authors' detector (cv2)"]
+                line += f", {detector / ours:.2f}x faster than the authors' detector"
+            summary.append(line)
+        print("\nsummary (goals: mama keyframes <= 1.3x decode-only, >= 1.5x faster than the authors' detector;")
+        print("extract_keyframes <= 1.15x the decode floor):")
+        for line in summary:
+            print(f"  {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="shorter videos (about a minute in all)")
     parser.add_argument("--keep", type=Path, default=None, help="write the videos here and keep them")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--cv2-detector", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--camera", action="store_true", help="camera-like clips: process wall time and decode floor")
     parser.add_argument("--camera-sizes", default="1080p,4k")
     parser.add_argument("--camera-codecs", default="h264,hevc")
@@ -323,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]))
+        return
+    if args.cv2_detector:
+        _cv2_detector_worker(args.cv2_detector)
         return
     if args.camera:
         camera_benchmark(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import av
@@ -13,9 +14,11 @@ import torch
 
 from mama.augment.keyframes import (
     Keyframes,
+    _blur_is_identity,
     _blur_taps,
     _gaussian_blur,
     _local_maxima,
+    _separable_blur,
     _to_gray,
     choose_keyframes,
     difference_signal,
@@ -359,3 +362,66 @@ def test_blur_shrinks_with_the_analysis_scale() -> None:
     assert half_scale.size == 5 and half_scale.sum() == pytest.approx(1.0)
     assert half_scale[1] / half_scale[2] == pytest.approx(np.exp(-1 / (2 * 0.85**2)), rel=1e-5)
     assert _blur_taps(64 / 1080).size == 3  # never below 3 taps
+
+
+def test_gray_is_exact_fixed_point() -> None:
+    # _to_gray multiplies in float32; the integers stay below 2**24, so it must equal OpenCV's integer formula.
+    rng = np.random.default_rng(0)
+    levels = np.array([0, 1, 2, 127, 128, 254, 255])
+    corners = np.array(list(itertools.product(levels, repeat=3)), dtype=np.uint8)  # (343, 3)
+    rgb = np.concatenate([corners, rng.integers(0, 256, (200_000, 3), dtype=np.uint8)]).reshape(-1, 1, 3)
+    weights = np.array([4899, 9617, 1868], dtype=np.int64)
+    expected = (rgb.astype(np.int64) @ weights + (1 << 13)) >> 14
+    assert np.array_equal(_to_gray(rgb), expected.astype(np.uint8))
+
+
+def test_blur_too_narrow_to_change_a_pixel_is_skipped_exactly() -> None:
+    rng = np.random.default_rng(1)
+    images = [
+        rng.integers(0, 256, (64, 114), dtype=np.uint8),
+        (np.indices((40, 60)).sum(axis=0) % 2 * 255).astype(np.uint8),  # checkerboard: the largest neighbour jumps
+    ]
+    # 64 px analysis of 480p, 720p, 1080p and 4K sources: the scaled blur cannot move a value by 0.5.
+    for scale in (64 / 480, 64 / 720, 64 / 1080, 64 / 2160):
+        taps = _blur_taps(scale)
+        assert _blur_is_identity(taps), scale
+        for image in images:
+            assert np.array_equal(_separable_blur(image, taps), image), scale
+            assert _gaussian_blur(image, taps) is image
+    for scale in (1.0, 0.5, 64 / 360):  # wide enough to matter: computed
+        assert not _blur_is_identity(_blur_taps(scale))
+        assert not np.array_equal(_gaussian_blur(images[1], _blur_taps(scale)), images[1])
+
+
+def test_downscaled_signal_equals_signal_of_decoded_small_frames(tmp_path: Path) -> None:
+    # The analysis thread must see every frame once, in order, and batches must join up: same counts as
+    # gray + blur of each frame alone as decode_frames gives it at the same short side (the same resize).
+    frames, _ = _scene_frames(SCENE_LENGTHS[:3], 128, 192, seed=4)  # 41 frames: more than one batch
+    path = write_video(tmp_path / "small.mp4", frames, fps=25)
+    for analysis_size in (64, 32):
+        taps = _blur_taps(analysis_size / 128)
+        blurred = [_gaussian_blur(_to_gray(f), taps) for f in decode_frames(path, short_side=analysis_size).numpy()]
+        expected = [0] + [int(np.count_nonzero(cur > prev)) for prev, cur in itertools.pairwise(blurred)]
+        assert difference_signal(path, analysis_size=analysis_size)[0].tolist() == expected
+
+
+def test_analysis_thread_error_is_raised_and_thread_ends(
+    cut_video: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mama.augment.keyframes as keyframes_module
+
+    calls = 0
+    brightened_pixels = keyframes_module._brightened_pixels
+
+    def failing(blurred: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # in the second batch of frames: the decoder is still putting frames on the queue
+            raise RuntimeError("analysis failed on purpose")
+        return brightened_pixels(blurred, previous)
+
+    monkeypatch.setattr(keyframes_module, "_brightened_pixels", failing)
+    threads_before = threading.active_count()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        difference_signal(cut_video[0])
+    assert threading.active_count() == threads_before  # joined, not left blocked on the queue
