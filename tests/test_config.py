@@ -231,6 +231,7 @@ RESUMABLE = {
     "train.progress", "train.overwrite", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_last", "train.log_weights_every", "train.threads", "train.out_dir", "train.accum_steps",
     "train.device", "train.loggers", "data.workers", "eval.dsl", "eval.batch_size", "eval.chunk_size",
+    "data.urls", "data.manifest",  # where the shards are; the checkpoint's data position checks the data itself
 }  # fmt: skip
 
 
@@ -470,3 +471,23 @@ def test_unreadable_or_odd_yaml_is_a_config_error_naming_the_file(tmp_path: Path
 def test_unparseable_override_values_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(None, [override])
+
+
+def test_webdataset_settings_are_checked() -> None:
+    """data.format webdataset needs data.urls and a meta file; split_format and shuffle_buffer are checked."""
+    cfg = load_config(
+        None, ["data.format=webdataset", "data.urls=s/shard-{000000..000003}.tar", "data.split_format=msrvtt"]
+    )
+    assert (cfg.data.urls, cfg.data.split_format, cfg.data.shuffle_buffer) == (
+        "s/shard-{000000..000003}.tar",
+        "msrvtt",
+        256,
+    )
+    with pytest.raises(ConfigError, match="needs data.urls"):
+        load_config(None, ["data.format=webdataset"])
+    with pytest.raises(ConfigError, match="data.meta_holdout"):
+        load_config(None, ["data.format=webdataset", "data.urls=a.tar", "data.meta=''", "data.meta_holdout=10"])
+    with pytest.raises(ConfigError, match=r"^data\.split_format"):
+        load_config(None, ["data.split_format=webdataset"])
+    with pytest.raises(ConfigError, match=r"^data\.shuffle_buffer"):
+        load_config(None, ["data.shuffle_buffer=-1"])

@@ -144,7 +144,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_synthvl: Path, tiny_overrid
     assert not (killed / "metrics.json").exists()
 
     resumed = train(cfg, resume=True)
-    assert 0 < resumed.steps_run < 40 - 8, "the kill came too late to test a mid-run resume"
+    # Resumed from step 12, or from step 8 when the kill landed between step 12's folder appearing and
+    # the `latest` pointer naming it (the pointer wins, by design: see find_latest_checkpoint).
+    assert 0 < resumed.steps_run <= 40 - 8, "the kill came too late to test a mid-run resume"
     ta, tb = _tensors(reference), _tensors(killed)
     assert ta.keys() == tb.keys()
     for key in ta:

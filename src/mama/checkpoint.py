@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 from torch import Tensor
 
-from mama.fileio import set_default_mode
+from mama.fileio import fsync_path, set_default_mode, sha256_file
 
 __all__ = ["Checkpoint", "CheckpointError", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -142,7 +142,7 @@ def save_checkpoint(
             "files": files,
         }
         _write_bytes(tmp_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp_dir)
+        fsync_path(tmp_dir)
         _move_into_place(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -204,7 +204,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _move_into_place(tmp_dir: Path, final_dir: Path) -> None:
@@ -216,7 +216,7 @@ def _move_into_place(tmp_dir: Path, final_dir: Path) -> None:
         old_dir = final_dir.with_name(f".tmp_old_{final_dir.name}_{uuid.uuid4().hex[:8]}")
         os.replace(final_dir, old_dir)
     os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    fsync_path(final_dir.parent)
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
@@ -226,27 +226,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Persists the directory entries (new files, renames). Not possible on Windows, hence the guard.
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:

@@ -27,6 +27,21 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from mama.data.shards import shard_dataset
+
+    manifest = shard_dataset(
+        args.format, args.source, args.out, videos=args.videos, shard_size_mb=args.shard_size_mb,
+        short_side=args.short_side, progress=not args.no_progress,
+    )  # fmt: skip
+    last = len(manifest["shards"]) - 1
+    print(
+        f"{manifest['total_samples']} samples in {last + 1} shards ({manifest['total_bytes'] / 2**20:.1f} MiB), "
+        f"{len(manifest['skipped'])} skipped: data.urls={Path(args.out) / f'shard-{{000000..{last:06d}}}.tar'}"
+    )
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mama.config import load_config
     from mama.tasks import train
@@ -58,6 +73,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from mama.inference.embed import Encoder, build_index, list_inputs
 
+    if args.shards:
+        return _embed_shards(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("only --shards splits the work across torchrun ranks; run it as one process")
     videos, texts = list_inputs(
         videos=Path(args.videos) if args.videos else None,
         annotations=Path(args.annotations) if args.annotations else None,
@@ -66,13 +85,54 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     )
     encoder = Encoder.from_pretrained(args.model, device=args.device, num_frames=args.frames)
     info = build_index(
-        encoder, videos, Path(args.out), texts, args.batch_size, args.workers, progress=not args.no_progress
+        encoder,
+        videos,
+        Path(args.out),
+        texts,
+        args.batch_size,
+        args.workers,
+        progress=not args.no_progress,
+        index_type=args.index_type,
+        append=args.append,
     )
-    summary = {key: value for key, value in info.items() if key not in ("files", "model_fingerprint")}
-    print(
-        json.dumps({"index": args.out, **summary, "model_fingerprint": info["model_fingerprint"]["sha256"]}, indent=2)
-    )
+    _print_index_summary(args.out, info)
     return 0
+
+
+def _embed_shards(args: argparse.Namespace) -> int:
+    """``mama embed --shards``: one process, or every rank of a torchrun job (each embeds its shards)."""
+    from mama.distributed import cleanup, init_distributed
+    from mama.inference.embed import Encoder, build_index_from_shards
+
+    if args.videos or args.annotations:
+        raise ValueError("give --shards, or --videos/--annotations, not both")
+    ctx = init_distributed(args.device)
+    failed = True
+    try:
+        device = str(ctx.device) if ctx.world_size > 1 else args.device
+        encoder = Encoder.from_pretrained(args.model, device=device, num_frames=args.frames)
+        info = build_index_from_shards(
+            encoder,
+            args.shards,
+            Path(args.out),
+            with_texts=args.texts,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            index_type=args.index_type,
+            append=args.append,
+        )
+        failed = False
+    finally:
+        cleanup(ctx, failed=failed)
+    if ctx.rank == 0:
+        _print_index_summary(args.out, info)
+    return 0
+
+
+def _print_index_summary(out: str, info: dict[str, Any]) -> None:
+    summary = {key: value for key, value in info.items() if key not in ("files", "model_fingerprint")}
+    print(json.dumps({"index": out, **summary, "model_fingerprint": info["model_fingerprint"]["sha256"]}, indent=2))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -92,6 +152,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"query: {query}")
         for hit in hits:
             print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}  {hit['video']}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mama.serve.app import serve
+
+    serve(
+        Path(args.index), args.model, host=args.host, port=args.port, captioners=args.captioner or [],
+        runs=Path(args.runs), max_upload_mb=args.max_upload_mb, device=args.device,
+    )  # fmt: skip
     return 0
 
 
@@ -155,28 +225,30 @@ def _single_record(video: Path) -> Any:
 
 
 def _cmd_augment(args: argparse.Namespace) -> int:
-    from mama.augment.job import augment, find_shards, merge, parse_shard
+    from mama.augment.job import augment, augment_shards, find_shards, merge, parse_shard
 
     out = Path(args.out)
     if args.merge:
+        if args.shards:
+            raise ValueError("--merge joins the outputs named by --out: drop --shards")
         shards = [Path(p) for p in args.annotations] if args.annotations else find_shards(out)
         print(json.dumps(merge(shards, out), indent=2))
         return 0
-    if len(args.annotations) != 1:
-        raise ValueError("give exactly one annotation file (or --merge with the shard files)")
-    from mama.data.datasets import read_dataset
+    source: Any  # the shard URLs, or the records of one annotation file
+    run: Callable[..., dict[str, Any]]
+    if args.shards:
+        if args.annotations or args.videos:
+            raise ValueError("give either an annotation file (with --videos) or --shards, not both")
+        run, source = augment_shards, args.shards
+    else:
+        if len(args.annotations) != 1:
+            raise ValueError("give exactly one annotation file, or --shards (or --merge with the shard files)")
+        from mama.data.datasets import read_dataset
 
-    records = read_dataset(args.format, Path(args.annotations[0]), Path(args.videos) if args.videos else None)
-    summary = augment(
-        records,
-        out,
-        _caption_config(args),
-        _keyframe_config(args),
-        parse_shard(args.shard),
-        args.workers,
-        not args.no_progress,
-    )
-    print(json.dumps(summary, indent=2))
+        run = augment
+        source = read_dataset(args.format, Path(args.annotations[0]), Path(args.videos) if args.videos else None)
+    settings = (_caption_config(args), _keyframe_config(args), parse_shard(args.shard), args.workers)
+    print(json.dumps(run(source, out, *settings, not args.no_progress), indent=2))
     return 0
 
 
@@ -318,11 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--annotations", default=None, help="annotation file of a split (any data.format)")
     p.add_argument("--format", default="jsonl", help="annotation layout (see docs/datasets.md)")
-    p.add_argument("--texts", action="store_true", help="also embed the annotations' human captions")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="WebDataset shards written by `mama shard` (a brace pattern of paths, http(s):// URLs or pipe: "
+        "commands) instead of --videos; under torchrun shard i goes to rank i %% world size",
+    )
+    p.add_argument(
+        "--texts",
+        action="store_true",
+        help="also embed the human captions (of the annotations or the shards' key.json)",
+    )
     p.add_argument("--frames", type=_positive_int, default=None, help="frames per video (default: as trained)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--workers", type=_non_negative_int, default=0, help="decoding worker processes")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the videos to the index at --out (built by the same model) without embedding its videos again; "
+        "videos whose id it holds are skipped",
+    )
+    p.add_argument(
+        "--index-type",
+        choices=("auto", "flat", "ivf", "hnsw"),
+        default=None,
+        help="FAISS index searched: flat (exact), ivf or hnsw (approximate); auto: flat up to 30,000 videos, "
+        "ivf above (default: auto, or the index's own type with --append)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_embed)
 
@@ -334,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("serve", help="a local web app: search an index, caption videos, look at training runs")
+    p.add_argument("--index", required=True, help="index folder written by `mama embed`")
+    p.add_argument("--model", required=True, help="the model that built the index (exported folder, run or checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=None, help="default: the first free port from 7860")
+    p.add_argument(
+        "--captioner",
+        action="append",
+        default=None,
+        help="LLaVA model the Caption tab offers (local folder or cached hub id; repeat for several)",
+    )
+    p.add_argument("--runs", default="runs", help="folder of run folders for the Runs tab")
+    p.add_argument("--max-upload-mb", type=float, default=200.0, help="largest video upload accepted, in MiB")
+    p.add_argument("--device", default="cpu", help="where the retrieval model runs")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "keyframes", help="find a video's keyframes (MAMA's LVLM front end) and optionally save their grid"
@@ -353,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_args(p)
     p.set_defaults(func=_cmd_caption)
 
-    p = sub.add_parser("augment", help="caption every video of an annotation file into a resumable JSONL")
+    p = sub.add_parser(
+        "augment", help="caption every video of an annotation file (or of --shards) into a resumable JSONL"
+    )
     p.add_argument(
         "annotations", nargs="*", help="annotation file (with --merge: shard files, default: found next to --out)"
     )
@@ -361,13 +474,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", default=None, help="folder the videos are found in, by id (see docs/datasets.md)")
     p.add_argument("--format", default="jsonl", help="annotation layout (data.format)")
     p.add_argument(
-        "--shard", default=None, help="I/N: caption every N-th video from the I-th (default: torchrun rank/world)"
+        "--shards",
+        default=None,
+        help="caption WebDataset shards instead of an annotation file: a brace pattern of paths, "
+        "http(s):// URLs or pipe: commands (shard-{000000..000011}.tar)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="I/N: caption every N-th video (with --shards: every N-th shard) from the I-th "
+        "(default: torchrun rank/world)",
     )
     p.add_argument("--merge", action="store_true", help="join the shard outputs into --out")
     p.add_argument("--workers", type=int, default=0, help="keyframe extraction processes")
     p.add_argument("--no-progress", action="store_true")
     _add_caption_args(p)
     p.set_defaults(func=_cmd_augment)
+
+    p = sub.add_parser("shard", help="write a dataset into WebDataset tar shards (resumable) for streamed training")
+    p.add_argument("source", help="the split's annotation file, or with --format folder a folder of videos")
+    p.add_argument("--out", required=True, help="output folder (shard-NNNNNN.tar, manifest.json, index.jsonl)")
+    p.add_argument(
+        "--format", default="jsonl", help="a data.format reader (jsonl, msrvtt, ...) or 'folder' (videos, no captions)"
+    )
+    p.add_argument("--videos", default=None, help="folder searched for videos by id (as data.videos)")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MiB")
+    p.add_argument(
+        "--short-side", type=int, default=0, help="re-encode videos to this shorter side (0: bytes as they are)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("demo", help="InfoNCE vs angular margin vs small-loss vs MAMA on SynthVL")
     p.add_argument(

@@ -73,6 +73,14 @@ class DataConfig:
     num_frames: int = 8  # frames per clip fed to the model
     frame_size: int = 32  # decoded frames are resized to frame_size x frame_size
     caption_sources: list[str] = field(default_factory=lambda: ["human", "lvlm"])  # training caption pool
+    # format "webdataset": the training split streams from tar shards written by `mama shard` (a brace
+    # pattern of local paths, http(s):// URLs or pipe: commands; docs/datasets.md). Moving the shards
+    # (local <-> HTTP) does not change what is trained: the checkpoint's data position checks the data.
+    urls: str = resumable("")
+    manifest: str = resumable("")  # the shards' manifest.json (path or URL); "" = next to the first shard
+    split_format: str = ""  # reader of data.meta/val/test with format "webdataset"; "" = the shards' source format
+    shuffle_buffer: int = 256  # samples (their video bytes held in memory) of the per-rank shuffle; 0 = none
+    shuffle_shards: bool = True  # a seeded shard order per epoch (False: manifest order)
 
 
 @dataclass
@@ -286,7 +294,11 @@ QA_FORMAT_NAMES = ("jsonl", "msrvtt_qa", "msvd_qa", "tgif_qa", "nextqa", "causal
 # the run means nothing: a learning rate of 0, a batch of 0 rows).
 RULES: dict[str, Rule] = {
     "data.root": ANY_TEXT,
-    "data.format": one_of(*DATASET_FORMAT_NAMES),
+    "data.format": one_of(DATASET_FORMAT_NAMES[0], "webdataset", *DATASET_FORMAT_NAMES[1:]),
+    "data.urls": ANY_TEXT,  # expanded and opened at load (mama.data.shards)
+    "data.manifest": ANY_TEXT,
+    "data.split_format": one_of("", *DATASET_FORMAT_NAMES),
+    "data.shuffle_buffer": at_least(0),
     "data.videos": ANY_TEXT,
     "data.train": ANY_TEXT,  # the split files a task reads: check_consistency
     "data.meta": ANY_TEXT,
@@ -416,6 +428,14 @@ def check_consistency(cfg: Config) -> None:
         (
             cfg.qa.fusion_width % cfg.qa.fusion_heads == 0,
             f"qa.fusion_width ({cfg.qa.fusion_width}) must be divisible by qa.fusion_heads ({cfg.qa.fusion_heads})",
+        ),
+        (
+            data.format != "webdataset" or bool(data.urls.strip()),
+            "data.format 'webdataset' needs data.urls (the shards of `mama shard`, e.g. shards/shard-{000000..000009}.tar)",
+        ),
+        (
+            data.format != "webdataset" or data.meta_holdout == 0,
+            "data.meta_holdout holds videos out of a training file; with data.format 'webdataset' set data.meta",
         ),
         (
             model.temporal != "seqTransf" or model.temporal_layers >= 1,

@@ -11,6 +11,7 @@ This module imports nothing of mama, so every layer can use it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import uuid
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "current_umask", "default_mode", "set_default_mode"]
+__all__ = ["atomic_path", "current_umask", "default_mode", "fsync_path", "set_default_mode", "sha256_file"]
 
 _UMASK_LOCK = threading.Lock()
 _PROC_STATUS = "/proc/self/status"
@@ -70,3 +71,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (memory flat in the file's size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data, or a folder's entries (new files, renames), to disk. Folders cannot be
+    opened for fsync on Windows, hence a no-op there."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -140,3 +140,109 @@ def test_clip_encoder_uses_the_models_own_width(tiny_clip_dir: Path, tiny_synthv
     videos, failed = encoder.encode_videos(paths, batch_size=2)
     assert failed == [] and videos.shape == (3, 16) and torch.isfinite(videos).all()
     assert encoder.encode_texts(["a red circle"]).shape == (1, 16) and encoder.encode_texts([]).shape == (0, 16)
+
+
+def _copy_videos(sources: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for path in sources:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_appending_a_folder_gives_the_index_of_both_at_once(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mama.inference.embed import list_inputs, open_index
+
+    sources = sorted((trained["data"] / "videos").rglob("*.mp4"))
+    first, second = _copy_videos(sources[:5], tmp_path / "first"), _copy_videos(sources[5:9], tmp_path / "second")
+    shutil.copy(sources[2], second / sources[2].name)  # already in the index: skipped, not embedded twice
+    model = str(trained["model"])
+    embed = ["embed", "--model", model, "--out", str(tmp_path / "appended"), "--no-progress"]
+    assert main([*embed, "--videos", str(first)]) == 0
+    assert main([*embed, "--videos", str(second), "--append"]) == 0
+    encoder = Encoder.from_pretrained(trained["model"])
+    both = list_inputs(videos=first)[0]
+    both += [(vid, path) for vid, path in list_inputs(videos=second)[0] if vid not in dict(both)]
+    info = build_index(encoder, both, tmp_path / "one_go", progress=False)
+    appended = _folder_bytes(tmp_path / "appended")
+    assert appended == _folder_bytes(tmp_path / "one_go"), "embeddings, rows, FAISS index and manifest are equal"
+    assert sorted(appended) == ["failed.txt", "index.json", "videos.faiss", "videos.jsonl", "videos.safetensors"]
+    assert info["num_videos"] == 9 and info["vector_index"]["type"] == "flat"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appended", "first", "one_go", "second"], "no leftovers"
+    ivf = ["embed", "--model", model, "--out", str(tmp_path / "ivf"), "--no-progress"]
+    assert main([*ivf, "--videos", str(first), "--index-type", "ivf"]) == 0
+    assert main([*ivf, "--videos", str(second), "--append"]) == 0  # keeps the index's type
+    ivf_info = build_index(encoder, both, tmp_path / "ivf_one_go", progress=False, index_type="ivf")
+    assert ivf_info["vector_index"]["type"] == "ivf", "an IVF's cells are trained on all videos, as in one go"
+    assert _folder_bytes(tmp_path / "ivf") == _folder_bytes(tmp_path / "ivf_one_go")
+
+    index = open_index(tmp_path / "appended")
+    assert len(index) == 9 and [r["id"] for r in index.rows] == [vid for vid, _ in both]
+    _, emb, _ = load_index(tmp_path / "appended")
+    found = index.search_vectors(emb[[0, 8]], k=3)  # a video query finds that video first
+    assert [hits[0]["id"] for hits in found] == [both[0][0], both[8][0]] and found[0][0]["score"] > 0.999
+    query = "a red circle moves left"
+    assert index.search_texts(query, encoder, k=9) == search(tmp_path / "one_go", [query], top_k=9)
+    capsys.readouterr()
+    assert main(["search", query, "--index", str(tmp_path / "appended"), "--top-k", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)[0]["results"]
+    assert [h["id"] for h in printed] == [h["id"] for h in index.search_texts(query, k=2)[0]]
+
+
+def test_append_refuses_an_index_of_another_frame_count(trained: dict[str, Path], tmp_path: Path) -> None:
+    from mama.inference.embed import IndexIntegrityError, list_inputs
+
+    sources = sorted((trained["data"] / "videos").rglob("*.mp4"))
+    videos = list_inputs(videos=_copy_videos(sources[:3], tmp_path / "videos"))[0]
+    build_index(Encoder.from_pretrained(trained["model"]), videos[:2], tmp_path / "index", progress=False)
+    before = _folder_bytes(tmp_path / "index")
+    other = Encoder.from_pretrained(trained["model"], num_frames=2)
+    with pytest.raises(IndexIntegrityError) as refused:
+        build_index(other, videos[2:], tmp_path / "index", progress=False, append=True)
+    message = str(refused.value)
+    assert str(tmp_path / "index" / "index.json") in message and "cannot append to this index" in message
+    assert "settings differ (num_frames 4 when built, 2 now)" in message
+    assert _folder_bytes(tmp_path / "index") == before
+
+
+def test_an_interrupted_append_leaves_the_old_index(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mama.inference.embed import list_inputs
+    from mama.inference.vector_index import VectorIndex
+
+    sources = sorted((trained["data"] / "videos").rglob("*.mp4"))
+    videos = list_inputs(videos=_copy_videos(sources[:6], tmp_path / "videos"))[0]
+    encoder = Encoder.from_pretrained(trained["model"])
+    build_index(encoder, videos[:3], tmp_path / "index", progress=False)
+    before = _folder_bytes(tmp_path / "index")
+
+    real_save = VectorIndex.save
+
+    def killed(self: VectorIndex, path: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VectorIndex, "save", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed while writing the new index
+        build_index(encoder, videos, tmp_path / "index", part_size=2, progress=False, append=True)
+    assert _folder_bytes(tmp_path / "index") == before and load_index(tmp_path / "index")[0]["num_videos"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "videos"], "the half-written copy is gone"
+
+    monkeypatch.setattr(VectorIndex, "save", real_save)
+    calls: list[int] = []
+    real_encode = Encoder.encode_videos
+
+    def counting(self: Encoder, paths: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(paths))
+        return real_encode(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode_videos", counting)
+    info = build_index(encoder, videos, tmp_path / "index", part_size=2, progress=False, append=True)
+    assert calls == [], "the finished parts of the interrupted append are reused"
+    assert info["num_videos"] == 6 and not (tmp_path / "index" / "parts").exists()
+    torch.testing.assert_close(load_index(tmp_path / "index")[1], real_encode(encoder, [p for _, p in videos])[0])

@@ -81,7 +81,15 @@ def test_the_manifest_holds_checksums_and_the_model_fingerprint(
 ) -> None:
     info = json.loads((setup["index"] / "index.json").read_text())
     assert info["format"] == "mama-index" and info["num_videos"] == 6
-    assert set(info["files"]) == {"videos.safetensors", "videos.jsonl", "failed.txt"}
+    assert set(info["files"]) == {"videos.safetensors", "videos.jsonl", "videos.faiss", "failed.txt"}
+    assert info["vector_index"] == {
+        "file": "videos.faiss",
+        "type": "flat",
+        "metric": "inner_product",
+        "params": {},
+        "requested": "auto",
+        "faiss_version": info["vector_index"]["faiss_version"],
+    }
     for name, record in info["files"].items():
         data = (setup["index"] / name).read_bytes()
         assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -101,6 +109,44 @@ def test_a_flipped_byte_in_the_embeddings_is_refused(index: Path, capsys: pytest
     code, out, err = _search_cli(index, capsys)
     assert code == 2 and out == ""
     assert str(path) in err and "sha256" in err
+
+
+def test_a_corrupt_faiss_index_is_refused(index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = index / "videos.faiss"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # one stored vector changes; FAISS itself would read it without complaint
+    path.write_bytes(bytes(data))
+    code, out, err = _search_cli(index, capsys)
+    assert code == 2 and out == "" and str(path) in err and "sha256" in err
+    with pytest.raises(ValueError, match="videos.faiss: sha256 differs"):
+        load_index(index)
+    _rechecksum(index, "videos.faiss")  # written that way: its vectors no longer match the embeddings
+    code, _, err = _search_cli(index, capsys)
+    assert code == 2 and str(path) in err and "differ from the embeddings in videos.safetensors" in err
+
+
+def test_a_faiss_index_of_other_rows_is_refused(index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mama.inference.vector_index import VectorIndex
+
+    _, emb, _ = load_index(index)
+    VectorIndex.build(emb[:4].numpy(), "flat").save(index / "videos.faiss")
+    _rechecksum(index, "videos.faiss")
+    code, _, err = _search_cli(index, capsys)
+    assert code == 2 and "videos.faiss: 4 vectors of width 16, but videos.safetensors holds 6 embeddings" in err
+    VectorIndex.build(emb.numpy(), "hnsw").save(index / "videos.faiss")
+    _rechecksum(index, "videos.faiss")
+    code, _, err = _search_cli(index, capsys)
+    assert code == 2 and "videos.faiss: a IndexHNSWFlat, not the flat inner-product index expected" in err
+
+
+def test_an_index_written_before_faiss_is_searched_exactly(
+    index: Path, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = json.loads((index / "index.json").read_text())
+    del manifest["vector_index"], manifest["files"]["videos.faiss"]
+    (index / "index.json").write_text(json.dumps(manifest))
+    (index / "videos.faiss").unlink()
+    assert search(index, [QUERY], top_k=6) == search(setup["index"], [QUERY], top_k=6)
 
 
 def test_a_truncated_embeddings_file_is_refused(index: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,6 +211,11 @@ def test_an_index_refuses_another_model_exported_over_its_own(
         search(index, [QUERY], encoder=Encoder.from_pretrained(setup["run_b"]))
     with pytest.raises(ValueError, match="; settings differ"):  # the same model with other frames
         search(index, [QUERY], encoder=Encoder.from_pretrained(setup["model"], num_frames=2))
+    before = _folder_bytes(index)
+    code = main([*embed, "--append"])  # appending with the new model is refused too, and changes nothing
+    err = capsys.readouterr().err
+    assert code == 2 and str(index / "index.json") in err and "cannot append to this index" in err
+    assert "weights differ" in err and _folder_bytes(index) == before
 
 
 def test_export_refuses_an_existing_folder_without_overwrite(

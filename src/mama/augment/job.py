@@ -1,4 +1,5 @@
-"""``mama augment``: caption every video of an annotation file with a LLaVA model, resumably.
+"""``mama augment``: caption every video of an annotation file (or of WebDataset shards) with a LLaVA
+model, resumably.
 
 Output: one JSON line per video, appended as each batch finishes::
 
@@ -16,6 +17,9 @@ Output: one JSON line per video, appended as each batch finishes::
   file is edited) and writes ``<name>.shard-<i>-of-<n>.jsonl``; under torchrun the rank and world size
   choose it. Videos done by any shard, or by an earlier unsharded run, are not redone. :func:`merge`
   joins the shard files by video id.
+- **WebDataset input.** :func:`augment_shards` captions the samples of tar shards (``mama shard``'s
+  layout) through the same loop: shard i goes to rank i modulo the world size, a sample's id is the
+  ``"id"`` of its ``<key>.json`` (else its key) and its ``"video"`` is ``"<url>#<key>.<ext>"``.
 - **Settings.** A file holds captions of one setting: resuming into it with another model, prompt,
   generation or keyframe setting is refused. The sampling seed of a batch comes from ``seed`` and its
   first video's id, so captions depend on which videos share a batch (as batched sampling does).
@@ -23,12 +27,14 @@ Output: one JSON line per video, appended as each batch finishes::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +45,10 @@ from mama.augment.captioner import CaptionConfig, LlavaCaptioner
 from mama.augment.keyframes import extract_keyframes, tile_grid
 from mama.data.clips import map_in_workers
 from mama.data.records import VideoRecord, write_jsonl
+from mama.data.shards import ShardError, expand_urls, iter_tar_samples
 from mama.data.video import VideoDecodeError, decode_frames
 
-__all__ = ["KeyframeConfig", "augment", "find_shards", "merge", "parse_shard", "shard_output"]
+__all__ = ["KeyframeConfig", "augment", "augment_shards", "find_shards", "merge", "parse_shard", "shard_output"]
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,122 @@ def _seed_offset(video_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(video_id.encode(), digest_size=4).digest(), "little")
 
 
+def _open_output(
+    out: Path, shard: tuple[int, int], caption_cfg: CaptionConfig, keyframe_cfg: KeyframeConfig
+) -> tuple[Path, Path, set[str]]:
+    """This process's output file, its bad-video sidecar and every id done by any output of ``out``.
+
+    Raises:
+        ValueError: ``out`` holds captions made with other settings.
+    """
+    path = shard_output(out, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bad_path = _bad_path(path)
+    path.touch()  # even a shard with nothing to do leaves its (empty) file, so --merge finds every shard
+    own = _read_lines(path)
+    # Other processes may be writing the other files: read them without repairing their tails.
+    others = [out, *_shard_files(out).values()]
+    done_lines = dict(own)
+    for other in others:
+        if other != path:
+            done_lines.update(_read_lines(other, repair=False))
+    done = (
+        set(done_lines)
+        | _read_ids(bad_path)
+        | {i for o in others if o != path for i in _read_ids(_bad_path(o), repair=False)}
+    )
+    current = {
+        "model": caption_cfg.model,
+        "prompt": caption_cfg.prompt,
+        "generation": caption_cfg.generation(),
+        "keyframe": asdict(keyframe_cfg),
+    }
+    for line in list(done_lines.values())[:1]:
+        if _settings(line) != _settings(current):
+            theirs, ours = _settings(line), _settings(current)
+            diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+            raise ValueError(
+                f"{path}: holds captions made with other settings {diff} (saved, now); "
+                "use another --out for these settings"
+            )
+    return path, bad_path, done
+
+
+def _caption_all(
+    items: Iterable[tuple[str, str, dict[str, Any]]],
+    path: Path,
+    bad_path: Path,
+    load: Callable[[], LlavaCaptioner],
+    keyframe_cfg: KeyframeConfig,
+    summary: dict[str, Any],
+    bar: tqdm,
+) -> None:
+    """Caption ``(video_id, video, prepared input)`` items in batches, appending each batch's lines to
+    ``path`` and failed inputs (``{"error": ...}``) to ``bad_path``; the one loop both inputs share.
+
+    ``load`` gives the captioner, called at the first batch: a finished job never loads the model.
+    """
+    header: dict[str, Any] = {}
+    batch: list[tuple[str, str, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        captioner = load()
+        if not header:
+            generation = {
+                **captioner.cfg.generation(),
+                "dtype": str(captioner.dtype).removeprefix("torch."),
+                "device": str(captioner.device),
+            }
+            header.update(model=captioner.cfg.model, prompt=captioner.cfg.prompt, generation=generation,
+                          keyframe=asdict(keyframe_cfg))  # fmt: skip
+        captions = captioner.caption([item["image"] for _, _, item in batch], offset=_seed_offset(batch[0][0]))
+        lines = []
+        for (video_id, video, item), texts in zip(batch, captions, strict=True):
+            if not texts:
+                summary["no_caption"] += 1
+                continue
+            lines.append({
+                "video_id": video_id, "video": video, "captions": texts, **header,
+                "keyframes": item["keyframes"], "num_frames": item["num_frames"],
+            })  # fmt: skip
+        _append(path, lines)
+        summary["captioned"] += len(lines)
+        bar.update(len(batch))
+        batch.clear()
+
+    for video_id, video, item in items:
+        if "error" in item:
+            warnings.warn(f"skipping video {item['error']}", stacklevel=3)
+            _append(bad_path, [{"video_id": video_id, "video": video, "error": item["error"]}])
+            summary["bad"] += 1
+            bar.update(1)
+            continue
+        batch.append((video_id, video, item))
+        if len(batch) == load().cfg.batch_size:
+            flush()
+    flush()
+    if summary["no_caption"]:
+        warnings.warn(
+            f"{path}: {summary['no_caption']} video(s) got no caption past the length/repetition filters; "
+            "they are not written and will be tried again on the next run (or change --seed / the filters)",
+            stacklevel=3,
+        )
+
+
+def _loader(caption_cfg: CaptionConfig, captioner: LlavaCaptioner | None) -> Callable[[], LlavaCaptioner]:
+    """The captioner given, or one loaded from ``caption_cfg`` on the first call (once)."""
+    loaded = [captioner] if captioner is not None else []
+
+    def load() -> LlavaCaptioner:
+        if not loaded:
+            loaded.append(LlavaCaptioner(caption_cfg))
+        return loaded[0]
+
+    return load
+
+
 def augment(
     records: Sequence[VideoRecord],
     out: str | os.PathLike[str],
@@ -234,94 +357,131 @@ def augment(
         ValueError: ``out`` holds captions made with other settings (model, prompt, generation or
             keyframe settings): write them to another file.
     """
-    out = Path(out)
-    path = shard_output(out, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bad_path = _bad_path(path)
+    path, bad_path, done = _open_output(Path(out), shard, caption_cfg, keyframe_cfg)
     mine = [r for r in records if _owner(r.id, shard[1]) == shard[0]] if shard[1] > 1 else list(records)
-    path.touch()  # even a shard with nothing to do leaves its (empty) file, so --merge finds every shard
-    own = _read_lines(path)
-    # Other processes may be writing the other files: read them without repairing their tails.
-    others = [out, *_shard_files(out).values()]
-    done_lines = dict(own)
-    for other in others:
-        if other != path:
-            done_lines.update(_read_lines(other, repair=False))
-    done = (
-        set(done_lines)
-        | _read_ids(bad_path)
-        | {i for o in others if o != path for i in _read_ids(_bad_path(o), repair=False)}
-    )
     todo = [r for r in mine if r.id not in done]
     summary: dict[str, Any] = {
         "out": str(path), "bad_file": str(bad_path), "shard": f"{shard[0]}/{shard[1]}",
         "videos": len(mine), "already_done": len(mine) - len(todo), "captioned": 0, "bad": 0, "no_caption": 0,
     }  # fmt: skip
-    current = {
-        "model": caption_cfg.model,
-        "prompt": caption_cfg.prompt,
-        "generation": caption_cfg.generation(),
-        "keyframe": asdict(keyframe_cfg),
-    }
-    for line in list(done_lines.values())[:1]:
-        if _settings(line) != _settings(current):
-            theirs, ours = _settings(line), _settings(current)
-            diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
-            raise ValueError(
-                f"{path}: holds captions made with other settings {diff} (saved, now); "
-                "use another --out for these settings"
-            )
     if not todo:
         return summary
-    captioner = captioner or LlavaCaptioner(caption_cfg)
-    cfg = captioner.cfg
-    generation = {
-        **cfg.generation(),
-        "dtype": str(captioner.dtype).removeprefix("torch."),
-        "device": str(captioner.device),
-    }
-    header = {"model": cfg.model, "prompt": cfg.prompt, "generation": generation, "keyframe": asdict(keyframe_cfg)}
-    prepared = map_in_workers(PrepareCaptionInput(keyframe_cfg, cfg.multi_frame), todo, workers)
-    bar = tqdm(total=len(todo), desc=f"augment {path.name}", unit="video", disable=not progress)
-    batch: list[tuple[VideoRecord, dict[str, Any]]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        captions = captioner.caption([item["image"] for _, item in batch], offset=_seed_offset(batch[0][0].id))
-        lines = []
-        for (record, item), texts in zip(batch, captions, strict=True):
-            if not texts:
-                summary["no_caption"] += 1
-                continue
-            lines.append({
-                "video_id": record.id, "video": str(record.video), "captions": texts, **header,
-                "keyframes": item["keyframes"], "num_frames": item["num_frames"],
-            })  # fmt: skip
-        _append(path, lines)
-        summary["captioned"] += len(lines)
-        bar.update(len(batch))
-        batch.clear()
-
-    for record, item in zip(todo, prepared, strict=True):
-        if "error" in item:
-            warnings.warn(f"skipping video {item['error']}", stacklevel=2)
-            _append(bad_path, [{"video_id": record.id, "video": str(record.video), "error": item["error"]}])
-            summary["bad"] += 1
-            bar.update(1)
-            continue
-        batch.append((record, item))
-        if len(batch) == cfg.batch_size:
-            flush()
-    flush()
-    bar.close()
-    if summary["no_caption"]:
-        warnings.warn(
-            f"{path}: {summary['no_caption']} video(s) got no caption past the length/repetition filters; "
-            "they are not written and will be tried again on the next run (or change --seed / the filters)",
-            stacklevel=2,
-        )
+    load = _loader(caption_cfg, captioner)
+    prepared = map_in_workers(PrepareCaptionInput(keyframe_cfg, load().cfg.multi_frame), todo, workers)
+    items = ((r.id, str(r.video), item) for r, item in zip(todo, prepared, strict=True))
+    with tqdm(total=len(todo), desc=f"augment {path.name}", unit="video", disable=not progress) as bar:
+        _caption_all(items, path, bad_path, load, keyframe_cfg, summary, bar)
     return summary
+
+
+def augment_shards(
+    urls: str | Sequence[str],
+    out: str | os.PathLike[str],
+    caption_cfg: CaptionConfig,
+    keyframe_cfg: KeyframeConfig = KeyframeConfig(),
+    rank_world: tuple[int, int] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    captioner: LlavaCaptioner | None = None,
+) -> dict[str, Any]:
+    """Caption the samples of WebDataset shards (``mama shard``'s or video2dataset's layout), resumably.
+
+    The same job as :func:`augment` (batching, resume, settings check, bad-video sidecar, output
+    naming and :func:`merge`), with the videos read from tar shards: shard ``i`` of the expanded
+    ``urls`` belongs to rank ``i % world``, and the rank writes ``<name>.shard-<rank>-of-<world>.jsonl``
+    (``out`` itself for one process). A sample's id is ``"id"`` of its ``<key>.json`` (the key when
+    absent), and each line's ``"video"`` is ``"<url>#<key>.<ext>"``.
+
+    One shard at a time, the video members still to caption are written to a temporary folder (under
+    ``TMPDIR``: at most one shard's bytes on disk, none kept in memory), their keyframes are extracted
+    (in ``workers`` processes) and the folder is deleted, also when the job stops on an error. A
+    damaged sample (missing or corrupt member, bytes that do not decode) goes to the bad sidecar with
+    a warning; a shard that cannot be read is skipped from there on with a warning and counted.
+
+    Args:
+        urls: a brace pattern (``shards/shard-{000000..000011}.tar``), a list of them, local paths,
+            ``http(s)://`` URLs or ``pipe:`` commands (see :func:`mama.data.shards.expand_urls`).
+        rank_world: (rank, world size); None: the torchrun rank and world size, or (0, 1).
+
+    Returns:
+        ``{"out", "bad_file", "shard", "shards", "unreadable_shards", "videos", "already_done",
+        "captioned", "bad", "no_caption"}`` (as :func:`augment`; ``shards`` is this rank's shard count).
+
+    Raises:
+        ValueError: ``out`` holds captions made with other settings; ``urls`` expands to nothing.
+    """
+    rank, world = rank_world if rank_world is not None else parse_shard(None)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not within world size {world}")
+    shard_urls = [u for i, u in enumerate(expand_urls(urls)) if i % world == rank]
+    path, bad_path, done = _open_output(Path(out), (rank, world), caption_cfg, keyframe_cfg)
+    summary: dict[str, Any] = {
+        "out": str(path), "bad_file": str(bad_path), "shard": f"{rank}/{world}", "shards": len(shard_urls),
+        "unreadable_shards": 0, "videos": 0, "already_done": 0, "captioned": 0, "bad": 0, "no_caption": 0,
+    }  # fmt: skip
+    load = _loader(caption_cfg, captioner)
+    prepare = PrepareCaptionInput(keyframe_cfg, (captioner.cfg if captioner else caption_cfg).multi_frame)
+    with (
+        tqdm(total=0, desc=f"augment {path.name}", unit="video", disable=not progress) as bar,
+        contextlib.closing(_shard_items(shard_urls, done, prepare, workers, summary, bar)) as items,
+    ):
+        # closing(): a job stopped mid-shard (an error, Ctrl-C) deletes that shard's temporary files now.
+        _caption_all(items, path, bad_path, load, keyframe_cfg, summary, bar)
+    return summary
+
+
+def _shard_items(
+    shard_urls: Sequence[str],
+    done: set[str],
+    prepare: PrepareCaptionInput,
+    workers: int,
+    summary: dict[str, Any],
+    bar: tqdm,
+) -> Generator[tuple[str, str, dict[str, Any]], None, None]:
+    """``(video_id, "<url>#<key>.<ext>", prepared input or {"error"})`` of every sample still to do,
+    in shard order, one shard's videos in a temporary folder at a time."""
+    seen = set(done)
+    for url in shard_urls:
+        with tempfile.TemporaryDirectory(prefix="mama-augment-") as tmp:
+            # (video_id, label, temporary file or the sample's error), in member order.
+            entries: list[tuple[str, str, Path | str]] = []
+            try:
+                for sample in iter_tar_samples(url):
+                    video_id = str(sample.meta["id"]) if sample.meta.get("id") is not None else sample.key
+                    label = f"{url}#{sample.key}.{sample.video_ext}"
+                    summary["videos"] += 1
+                    if video_id in seen:
+                        if video_id in done:
+                            summary["already_done"] += 1
+                        else:
+                            warnings.warn(f"{label}: sample id {video_id!r} seen before; skipped", stacklevel=4)
+                        continue
+                    seen.add(video_id)
+                    if sample.error is not None:
+                        entries.append((video_id, label, f"{label}: {sample.error}"))
+                        continue
+                    # Numbered names: keys may hold slashes; the extension tells the decoder the container.
+                    video = Path(tmp) / f"{len(entries):07d}.{sample.video_ext}"
+                    video.write_bytes(sample.video)
+                    entries.append((video_id, label, video))
+            except ShardError as exc:
+                warnings.warn(f"skipping the rest of shard {exc}", stacklevel=4)
+                summary["unreadable_shards"] += 1
+            bar.total = (bar.total or 0) + len(entries)
+            bar.refresh()
+            videos = [VideoRecord(video_id, file, []) for video_id, _, file in entries if isinstance(file, Path)]
+            prepared = map_in_workers(prepare, videos, workers)
+            try:
+                for video_id, label, file in entries:
+                    if not isinstance(file, Path):
+                        yield video_id, label, {"error": file}
+                        continue
+                    item = next(prepared)
+                    if "error" in item:  # name the shard member, not the temporary file
+                        item = {"error": item["error"].replace(str(file), label)}
+                    yield video_id, label, item
+            finally:
+                prepared.close()  # stops the keyframe workers before their files are deleted
 
 
 def merge(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> dict[str, Any]:

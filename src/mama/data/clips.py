@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -137,7 +137,16 @@ class StreamedFrames:
         )
 
 
-FrameSource = CachedFrames | StreamedFrames
+class FrameSource(Protocol):
+    """Where a clip set's frames come from: :class:`CachedFrames`, :class:`StreamedFrames`, or the
+    shard samples of :class:`mama.data.shards.ShardFrames`."""
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def clips(self, video_index: Tensor, slot_index: Tensor) -> tuple[Tensor, list[tuple[int, str]]]: ...
+
+    def select(self, rows: Tensor) -> FrameSource: ...
 
 
 @dataclass
@@ -169,6 +178,9 @@ class ClipSet:
     pixel_mean: tuple[float, ...] = PIXEL_MEAN
     pixel_std: tuple[float, ...] = PIXEL_STD
     failed: dict[int, str] = field(default_factory=dict)  # mid-run failures: video index -> "path: error"
+    # epoch -> (steps_per_epoch * batch_size,) video order of training (shards: mama.data.shards.ShardPlan);
+    # None: a seeded permutation of every video per epoch.
+    epoch_order: Callable[[int], Tensor] | None = None
     # Videos that failed in this process; never drawn again as substitutes.
     _bad: set[int] = field(default_factory=set, repr=False)
 
@@ -279,7 +291,10 @@ class ClipSet:
         if steps_per_epoch == 0:
             raise ValueError(f"batch size {batch_size} exceeds the {len(self)} training videos")
         epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(self), generator=seeded_generator(seed, 0, epoch))
+        if self.epoch_order is not None:
+            order = self.epoch_order(epoch)
+        else:
+            order = torch.randperm(len(self), generator=seeded_generator(seed, 0, epoch))
         video_index = order[position * batch_size : (position + 1) * batch_size]
         g = seeded_generator(seed, 1, step)
         pick = (torch.rand(batch_size, generator=g) * self.pool_size[video_index]).long()
@@ -564,6 +579,23 @@ def load_clipset(
         source = StreamedFrames([records[i].video for i in kept], lengths, num_slots, frame_size)
     else:
         raise ValueError(f"data.decode must be 'cache' or 'stream', got {decode!r}")
+    return build_clipset(
+        name, [records[i] for i in kept], source, tokenize, caption_sources, skipped, pixel_mean, pixel_std
+    )
+
+
+def build_clipset(
+    name: str,
+    records: list[VideoRecord],
+    source: FrameSource,
+    tokenize: Callable[[list[str]], tuple[Tensor, Tensor]],
+    caption_sources: Sequence[str],
+    skipped: list[str],
+    pixel_mean: Sequence[float] = PIXEL_MEAN,
+    pixel_std: Sequence[float] = PIXEL_STD,
+) -> ClipSet:
+    """A clip set of ``records`` (one per video of ``source``, in order) with the captions of
+    ``caption_sources`` tokenised; a video without such a caption is dropped and added to ``skipped``."""
     texts: list[str] = []
     sources: list[str] = []
     noises: list[str] = []
@@ -572,8 +604,7 @@ def load_clipset(
     owners: list[int] = []
     kept_records: list[VideoRecord] = []
     kept_rows: list[int] = []
-    for row, index in enumerate(kept):
-        record = records[index]
+    for row, record in enumerate(records):
         pool = [c for c in record.captions if c.source in caption_sources]
         if not pool:
             warnings.warn(
@@ -591,7 +622,7 @@ def load_clipset(
         kept_rows.append(row)
     if not kept_records:
         raise ValueError(f"{name}: no usable video (decoded and captioned)")
-    if len(kept_rows) != len(kept):
+    if len(kept_rows) != len(records):
         source = source.select(torch.tensor(kept_rows))
     ids, mask = tokenize(texts)
     return ClipSet(

@@ -71,6 +71,11 @@ class Task(Protocol):
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
 
+    def data_position(self, step: int) -> dict[str, Any] | None:
+        """Where a streamed training set (shards) stands after ``step`` steps, recorded in checkpoints and
+        checked on resume; None for random-access data, whose batches need no position."""
+        ...
+
     def step_batches(self, rows: range, meta_rows: range) -> StepBatches: ...
 
     def to_device(self, batch: Batch, device: torch.device, meta: bool) -> tuple[Batch, Tensor]:

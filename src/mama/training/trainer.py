@@ -169,6 +169,9 @@ class Trainer:
         """Write everything a bitwise resume needs (rank 0 only)."""
         tensors, state = self.state.state_dict()
         state.update(world_size=self.ctx.world_size, config=to_dict(self.cfg), tokenizer_dir="tokenizer")
+        position = self.task.data_position(step)  # streamed data (shards) records where it is
+        if position is not None:
+            state["data_position"] = position
         return save_checkpoint(self.out_dir / "checkpoints", step, tensors, state, keep_last=self.cfg.train.keep_last)
 
     def _config_changes(self, path: Path) -> list[str]:
@@ -185,6 +188,12 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: holds no {', '.join(missing)} state, so it cannot be resumed exactly (video QA runs "
                 "written before QA trained on the common engine kept only weights); start a new run"
+            )
+        position = self.task.data_position(ckpt.step)
+        if ckpt.state.get("data_position") != position:
+            raise CheckpointError(
+                f"{path}: the data stream would not continue where it stopped (checkpoint: "
+                f"{ckpt.state.get('data_position')}, now: {position}); resume on the same shards and world size"
             )
         self.state.load_state_dict(ckpt.tensors, ckpt.state)
         self.start_step = ckpt.step

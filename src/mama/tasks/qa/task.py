@@ -124,6 +124,10 @@ class VideoQA:
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self._data().splits["train"]) // batch_size
 
+    def data_position(self, step: int) -> dict[str, Any] | None:
+        """QA reads random-access files only: its batches follow from the step, with no stream position."""
+        return None
+
     def step_batches(self, rows: range, meta_rows: range) -> QABatches:
         splits, cfg = self._data().splits, self.cfg
         if len(splits["train"]) < cfg.train.batch_size:

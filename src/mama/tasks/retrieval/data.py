@@ -10,11 +10,12 @@ from typing import Any
 
 from mama.config import Config, ConfigError
 from mama.data.clips import ClipSet, load_clipset
-from mama.data.datasets import read_dataset, split_shortfall
+from mama.data.datasets import DATASET_FORMATS, read_dataset, split_shortfall
 from mama.data.meta_split import hold_out_balanced
 from mama.data.records import VideoRecord, add_lvlm_captions, read_lvlm_captions
+from mama.data.shards import load_shard_clipset, read_manifest, shard_records
 from mama.data.synthvl import ensure_dataset
-from mama.distributed import all_gather_object
+from mama.distributed import all_gather_object, world_size
 from mama.models import create_tokenizer, get_spec
 
 SPLITS = ("train", "meta", "val", "test")
@@ -22,10 +23,12 @@ SPLITS = ("train", "meta", "val", "test")
 
 @dataclass
 class RunData:
-    """Everything a run reads: the tokenizer and the clip sets it needs, by split name."""
+    """Everything a run reads: the tokenizer and the clip sets it needs, by split name; ``manifest``:
+    the shards' manifest when the training split streams from them (``data.format: webdataset``)."""
 
     tokenizer: Any
     splits: dict[str, ClipSet]
+    manifest: dict[str, Any] | None = None
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -47,27 +50,76 @@ def read_records(cfg: Config, root: Path, splits: tuple[str, ...]) -> dict[str, 
         raise ConfigError("the meta split needs data.meta (an annotation file) or data.meta_holdout > 0")
     videos = Path(dc.videos) if dc.videos else None
     wanted = set(splits) | ({"train"} if holdout and "meta" in splits else set())
+    # Shards replace the training file only: the meta and evaluation splits stay random-access files.
+    fmt = split_format(cfg) if dc.format == "webdataset" and wanted - {"train"} else dc.format
     records = {
-        name: read_dataset(dc.format, root / files[name], videos)
+        name: read_dataset(fmt, root / files[name], videos)
         for name in SPLITS
-        if name in wanted and not (name == "meta" and holdout)
+        if name in wanted and not (name == "meta" and holdout) and not (name == "train" and dc.format == "webdataset")
     }
+    if dc.format == "webdataset" and "train" in wanted:
+        records["train"] = shard_records(dc.urls, dc.manifest)[2]
     if dc.lvlm_captions and "train" in records:
-        for path in dc.lvlm_captions:
-            added, unknown = add_lvlm_captions(records["train"], read_lvlm_captions(path))
-            if unknown:
-                warnings.warn(
-                    f"{path}: {len(unknown)} video id(s) match no training video (e.g. {unknown[:3]}); their captions are not used",
-                    stacklevel=2,
-                )
-            if not added:
-                warnings.warn(f"{path}: no LVLM caption matched a training video", stacklevel=2)
+        add_lvlm_files(records["train"], dc.lvlm_captions)
     if holdout and "train" in records:
         # A fixed seed, not train.seed: every run on this data (any seed, any variant) holds out the same videos.
         records["train"], meta = hold_out_balanced(records["train"], dc.meta_holdout, seed=0)
         if "meta" in splits:
             records["meta"] = meta
     return {name: records[name] for name in splits}
+
+
+def add_lvlm_files(records: list[VideoRecord], paths: list[str]) -> None:
+    """Add the LVLM captions of the ``mama augment`` files ``paths`` to the training ``records``."""
+    for path in paths:
+        added, unknown = add_lvlm_captions(records, read_lvlm_captions(path))
+        if unknown:
+            warnings.warn(
+                f"{path}: {len(unknown)} video id(s) match no training video (e.g. {unknown[:3]}); their captions are not used",
+                stacklevel=3,
+            )
+        if not added:
+            warnings.warn(f"{path}: no LVLM caption matched a training video", stacklevel=3)
+
+
+def split_format(cfg: Config) -> str:
+    """The reader of the meta and evaluation files of a run that trains from shards: ``data.split_format``,
+    or the format the shards were written from (their manifest's arguments)."""
+    if cfg.data.split_format:
+        return cfg.data.split_format
+    from mama.data.shards import MANIFEST_NAME, expand_urls
+
+    location = cfg.data.manifest or expand_urls(cfg.data.urls)[0].rsplit("/", 1)[0] + "/" + MANIFEST_NAME
+    source = read_manifest(location)["args"].get("format", "")
+    if source not in DATASET_FORMATS:
+        raise ConfigError(
+            f"the shards of {location} were written from {source!r}, not an annotation format: set data.split_format "
+            f"to the reader of data.val / data.test ({', '.join(DATASET_FORMATS)})"
+        )
+    return str(source)
+
+
+def _train_shards(cfg: Config, tokenizer: Any, progress: bool) -> tuple[ClipSet, dict[str, Any], Any]:
+    """The training clip set streamed from ``data.urls``, its manifest, and the tokenizer (built from
+    the index's captions unless given)."""
+    dc = cfg.data
+    manifest, urls, records = shard_records(dc.urls, dc.manifest)
+    if dc.lvlm_captions:
+        add_lvlm_files(records, dc.lvlm_captions)
+    if tokenizer is None:
+        tokenizer = create_tokenizer(
+            cfg.model, [c.text for r in records for c in r.captions if c.source in dc.caption_sources]
+        )
+    spec = get_spec(cfg.model.name)
+    plan = {
+        "batch_size": cfg.train.batch_size, "world_size": world_size(), "seed": cfg.train.seed,
+        "shuffle_shards": dc.shuffle_shards, "shuffle_buffer": dc.shuffle_buffer,
+    }  # fmt: skip
+    clips = load_shard_clipset(
+        records, urls, manifest, tokenizer, dc.frame_size, dc.cached_frames or 2 * dc.num_frames, plan,
+        dc.caption_sources, spec.pixel_mean, spec.pixel_std,
+    )  # fmt: skip
+    return clips, manifest, tokenizer
 
 
 def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = None, progress: bool = True) -> RunData:
@@ -81,6 +133,11 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
         "val": cfg.data.val,
         "test": cfg.data.test,
     }
+    shards = cfg.data.format == "webdataset" and "train" in splits
+    manifest = None
+    if shards:
+        train_set, manifest, tokenizer = _train_shards(cfg, tokenizer, progress)
+        splits = tuple(s for s in splits if s != "train")
     records = read_records(cfg, root, splits)
     if tokenizer is None:
         if "train" not in records:
@@ -109,12 +166,13 @@ def load_data(cfg: Config, splits: tuple[str, ...] = SPLITS, tokenizer: Any = No
         )
         if name in ("val", "test"):
             # A shrinking evaluation set changes every metric: say so, with the protocol's count.
-            shortfall = split_shortfall(
-                cfg.data.format, name, root / files[name], len(records[name]), len(loaded[name])
-            )
+            fmt = split_format(cfg) if cfg.data.format == "webdataset" else cfg.data.format
+            shortfall = split_shortfall(fmt, name, root / files[name], len(records[name]), len(loaded[name]))
             if shortfall:
                 warnings.warn(shortfall, stacklevel=2)
-    return RunData(tokenizer, loaded)
+    if shards:
+        loaded = {"train": train_set, **loaded}
+    return RunData(tokenizer, loaded, manifest)
 
 
 def merge_failures(data: RunData) -> dict[str, int]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from mama.config import Config, ConfigError
 from mama.data.clips import ClipSet
+from mama.distributed import world_size
 from mama.models import create_model, get_spec
 from mama.tasks.retrieval.data import RunData, load_data, merge_failures
 from mama.tasks.retrieval.evaluate import evaluate
@@ -93,6 +95,23 @@ class Retrieval:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self._data().splits["train"]) // batch_size
+
+    def data_position(self, step: int) -> dict[str, Any] | None:
+        """Where the shard stream stands after ``step`` steps (None for file datasets, whose batches need
+        no position): the shards' identity, the epoch and the samples each rank has consumed in it. The
+        stream is a function of (seed, epoch, rank), so this follows from the step; the checkpoint records
+        it and resume checks it, which catches shards rewritten or a changed world size."""
+        manifest = self._data().manifest
+        if manifest is None:
+            return None
+        per_epoch = self.steps_per_epoch(self.cfg.train.batch_size)
+        world = world_size()
+        epoch, position = divmod(step, per_epoch)
+        shards = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
+        return {
+            "shards": shards, "steps_per_epoch": per_epoch, "world_size": world,
+            "epoch": epoch, "samples_per_rank": position * (self.cfg.train.batch_size // world),
+        }  # fmt: skip
 
     def step_batches(self, rows: range, meta_rows: range) -> RetrievalBatches:
         splits = self._data().splits
