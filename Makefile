@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,dev,tensorboard]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dev,tensorboard,serve]"
 	touch $(STAMP) $(DEMO_STAMP)
 
 # --no-compile: byte-compiling every installed module (torch's thousands) took 23 of the 73 s of this
