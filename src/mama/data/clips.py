@@ -416,16 +416,20 @@ def _pool_init() -> None:
     torch.set_num_threads(1)  # parallelism is across videos
 
 
-def decode_processes(num_videos: int) -> int:
-    """Processes to decode ``num_videos`` with: one per core this process may use (its CPU affinity,
-    which container limits set), at most 8, and 1 for a few videos or where ``fork`` is missing."""
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which container limits set), at least 1."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_processes(num_videos: int) -> int:
+    """Processes to decode ``num_videos`` with: one per core this process may use, at most 8, and 1 for
+    a few videos or where ``fork`` is missing."""
     if num_videos < _POOL_MIN_VIDEOS or "fork" not in mp.get_all_start_methods():
         return 1
-    return max(1, min(8, cores))
+    return min(8, available_cores())
 
 
 def _decode_all(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,17 +27,9 @@ from mama.config import Config
 from mama.tasks import train
 from mama.training.trainer import TrainResult
 
-__all__ = ["available_cores", "train_runs"]
+__all__ = ["train_runs"]
 
 _INHERITED: dict[str, Any] = {}  # what forked children read instead of receiving it pickled
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which container limits set), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _child(cfg: Config, conn: Connection) -> None:

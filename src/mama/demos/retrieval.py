@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from mama.config import Config, load_config, to_dict
-from mama.demos.parallel import available_cores, train_runs
+from mama.data.clips import available_cores
+from mama.demos.parallel import train_runs
 from mama.metrics.stats import paired_ci
 from mama.tasks import load_run
 from mama.tasks.retrieval import load_data
