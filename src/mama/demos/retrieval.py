@@ -14,13 +14,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mama.config import Config, load_config, to_dict
 from mama.data.clips import available_cores
 from mama.demos.parallel import train_runs
 from mama.metrics.stats import paired_ci
-from mama.tasks import load_run
+from mama.tasks import weight_curve
 from mama.tasks.retrieval import load_data
 from mama.training.trainer import TrainResult
 
@@ -211,39 +209,27 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def _logged_losses_by_noise(run_dir: Path, last: int = 10) -> dict[str, list[float]]:
-    """Per-sample training losses of the last ``last`` logged batches, grouped by caption noise kind."""
-    path = run_dir / "weights.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-    groups: dict[str, list[float]] = {}
-    for record in lines[-last:]:
-        for noise, loss in zip(record["noise"], record["loss"], strict=True):
-            groups.setdefault(noise, []).append(loss)
-    return groups
-
-
 def plot_weight_curve(run_dirs: list[Path], path: Path) -> dict[str, Any]:
     """Plot the learned loss -> weight map of each MAMA run, with the mean late-training loss of clean,
     vague and hallucinated captions marked; returns the first run's curve and those means."""
     fig, ax = _axes("Learned loss-to-weight map")
     first: dict[str, Any] = {}
     for run_dir in run_dirs:
-        meta = load_run(run_dir).meta
-        if meta is None:
+        curve = weight_curve(run_dir)
+        if curve is None:
             continue
-        by_noise = _logged_losses_by_noise(run_dir)
-        max_loss = max((max(v) for v in by_noise.values()), default=10.0)
-        losses = torch.linspace(0, max_loss * 1.05, 200)
-        with torch.no_grad():
-            weights = meta.wnet(losses)
-        ax.plot(losses.numpy(), weights.numpy(), label=run_dir.name)
+        ax.plot(curve.loss.numpy(), curve.weight.numpy(), label=run_dir.name)
         if not first:
-            means = {noise: statistics.fmean(values) for noise, values in sorted(by_noise.items())}
+            means = {noise: statistics.fmean(values) for noise, values in curve.late_loss_by_noise.items()}
             # Grey markers with distinct dashes, so they never share a colour with a run's curve.
             for (noise, mean), dash in zip(means.items(), ("--", ":", "-."), strict=False):
                 label = "clean" if noise == "none" else noise
                 ax.axvline(mean, color="0.4", linestyle=dash, linewidth=1, label=f"mean late loss, {label} captions")
-            first = {"loss": losses.tolist()[::10], "weight": weights.tolist()[::10], "mean_loss_by_noise": means}
+            first = {
+                "loss": curve.loss.tolist()[::10],
+                "weight": curve.weight.tolist()[::10],
+                "mean_loss_by_noise": means,
+            }
     ax.set_xlabel("per-sample loss (v2t CE + t2v CE)")
     ax.set_ylabel("weight (before normalisation)")
     ax.legend(fontsize=7)

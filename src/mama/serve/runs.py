@@ -127,32 +127,17 @@ def weights_by_kind_figure(log: list[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def _late_losses_by_noise(weights: list[dict[str, Any]]) -> dict[str, list[float]]:
-    groups: dict[str, list[float]] = {}
-    for record in weights[-LATE_BATCHES:]:
-        for noise, loss in zip(record.get("noise", []), record.get("loss", []), strict=False):
-            groups.setdefault(str(noise), []).append(float(loss))
-    return groups
-
-
-def weight_curve_figure(run_dir: Path, weights: list[dict[str, Any]]) -> Figure | None:
+def weight_curve_figure(run_dir: Path) -> Figure | None:
     """The learned loss -> weight map of a MAMA run (its weighting net from the newest checkpoint), with
     the mean late-training loss of each caption noise kind marked; None for a run without one."""
-    import torch
+    from mama.tasks import weight_curve
 
-    from mama.tasks import load_run
-
-    meta = load_run(run_dir).meta
-    if meta is None:
+    curve = weight_curve(run_dir, late_batches=LATE_BATCHES)
+    if curve is None:
         return None
-    by_noise = _late_losses_by_noise(weights)
-    max_loss = max((max(v) for v in by_noise.values() if v), default=10.0)
-    losses = torch.linspace(0, max_loss * 1.05, 200)  # (200,)
-    with torch.no_grad():
-        curve = meta.wnet(losses).reshape(-1)  # (200,)
     fig, ax = _figure("Learned loss-to-weight map")
-    ax.plot(losses.numpy(), curve.numpy(), label="weighting net")
-    for (noise, values), dash in zip(sorted(by_noise.items()), ("--", ":", "-.", (0, (1, 3))), strict=False):
+    ax.plot(curve.loss.numpy(), curve.weight.numpy(), label="weighting net")
+    for (noise, values), dash in zip(curve.late_loss_by_noise.items(), ("--", ":", "-.", (0, (1, 3))), strict=False):
         label = "clean" if noise == "none" else noise
         ax.axvline(statistics.fmean(values), color="0.4", linestyle=dash, linewidth=1, label=f"late loss, {label}")
     ax.set_xlabel("per-sample loss")
@@ -201,7 +186,6 @@ def view_run(runs_root: Path, name: str) -> RunView:
         raise ValueError(f"{name!r} is not a run folder under {runs_root}")
     run_dir = Path(runs_root) / name
     log = read_log(run_dir / "log.jsonl")
-    weights = read_log(run_dir / "weights.jsonl")
     notes = []
     loss = loss_figure(log)
     if loss is None:
@@ -210,7 +194,7 @@ def view_run(runs_root: Path, name: str) -> RunView:
     if by_kind is None:
         notes.append("no per-kind weights logged (not a meta-weighted run)")
     try:
-        curve = weight_curve_figure(run_dir, weights)
+        curve = weight_curve_figure(run_dir)
         if curve is None:
             notes.append("no weighting net in the checkpoint (not a MAMA run)")
     except Exception as exc:  # no checkpoint yet, or an unreadable one: the other figures still help

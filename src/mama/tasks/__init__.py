@@ -7,11 +7,13 @@ run = load_run("runs/x")               # a trained run: config, task, module wit
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from mama.checkpoint import CheckpointError, load_checkpoint
 from mama.config import Config, Split, from_dict
@@ -82,4 +84,47 @@ def evaluate_run(path: str | Path, split: Split | None = None, progress: bool = 
     return trained.task.evaluate(trained.module, split)
 
 
-__all__ = ["TASKS", "TrainedRun", "create_task", "evaluate_run", "load_run", "train"]
+__all__ = ["TASKS", "TrainedRun", "WeightCurve", "create_task", "evaluate_run", "load_run", "train", "weight_curve"]
+
+
+@dataclass
+class WeightCurve:
+    """The learned loss -> weight map of a meta-weighted run, for plots.
+
+    ``loss`` (P,) per-sample losses from 0 to a little past the largest late-training loss, ``weight``
+    (P,) the weighting net's output there (before normalisation over a batch), ``late_loss_by_noise``
+    the per-sample losses of the last logged batches grouped by caption noise kind (``weights.jsonl``).
+    """
+
+    loss: Tensor
+    weight: Tensor
+    late_loss_by_noise: dict[str, list[float]]
+
+
+def weight_curve(run_dir: str | Path, late_batches: int = 10, points: int = 200) -> WeightCurve | None:
+    """The :class:`WeightCurve` of a run folder (its newest valid checkpoint's weighting net and the last
+    ``late_batches`` records of its ``weights.jsonl``); None for a run trained without one. A line of the
+    log cut short by a crash, or being written now, is skipped."""
+    run_dir = Path(run_dir)
+    meta = load_run(run_dir).meta
+    if meta is None:
+        return None
+    records: list[dict[str, Any]] = []
+    log = run_dir / "weights.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    by_noise: dict[str, list[float]] = {}
+    for record in records[-late_batches:]:
+        for noise, loss in zip(record.get("noise", []), record.get("loss", []), strict=False):
+            by_noise.setdefault(str(noise), []).append(float(loss))
+    max_loss = max((max(v) for v in by_noise.values() if v), default=10.0)
+    losses = torch.linspace(0, max_loss * 1.05, points)  # (P,)
+    with torch.no_grad():
+        weights = meta.wnet(losses).reshape(-1)  # (P,)
+    return WeightCurve(losses, weights, dict(sorted(by_noise.items())))
