@@ -102,8 +102,11 @@ def page(server: dict[str, Any], serve_runs: Path) -> Iterator[Any]:
 
 
 def _screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    # Pop-ups left by the earlier error checks would cover the tab in the README's picture.
+    page.evaluate("() => document.querySelectorAll('.toast-wrap').forEach(t => t.style.display = 'none')")
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
+    page.evaluate("() => document.querySelectorAll('.toast-wrap').forEach(t => t.style.display = '')")
     assert path.stat().st_size > 10_000
     if os.environ.get("MAMA_UPDATE_SCREENSHOTS") == "1":
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
@@ -207,6 +210,28 @@ def test_runs_tab_shows_curves_and_metrics(page: Any, tmp_path: Path) -> None:
     assert "t2v_r1" in page.locator("#metrics").inner_text()
     page.evaluate("() => window.scrollTo(0, 0)")
     _screenshot(page, "serve_runs.png", tmp_path)
+
+
+def test_the_file_route_serves_nothing_from_the_videos_folders(
+    page: Any, server: dict[str, Any], serve_index: dict[str, Path]
+) -> None:
+    """Clips play from links in the app's temp folder; gradio's file route refuses the videos' own
+    folders, so neither an indexed video by its path nor any other file beside it can be fetched."""
+    import urllib.error
+    import urllib.request
+
+    secret = serve_index["videos"] / ".env"
+    secret.write_text("SECRET")
+    try:
+        for path in (secret, next(serve_index["videos"].glob("*.mp4"))):
+            try:
+                with urllib.request.urlopen(f"{server['url']}gradio_api/file={path}", timeout=30) as response:
+                    status, body = response.status, response.read()
+            except urllib.error.HTTPError as error:
+                status, body = error.code, b""
+            assert status >= 400 and b"SECRET" not in body, (path, status)
+    finally:
+        secret.unlink()
 
 
 def test_nothing_left_the_machine_and_stopping_cleans_up(page: Any, server: dict[str, Any]) -> None:

@@ -221,7 +221,7 @@ def serve(
         )
         _, url, _ = app.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True, quiet=True,
-            max_file_size=int(max_upload_mb * 2**20), allowed_paths=[str(root) for root in backend.roots],
+            max_file_size=int(max_upload_mb * 2**20),
             ssr_mode=False, mcp_server=False, enable_monitoring=False, show_error=False, theme=theme,
             footer_links=[], css=CSS,
         )  # fmt: skip

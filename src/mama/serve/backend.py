@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -204,10 +205,31 @@ class ServeBackend:
             videos.append(str(video))
         return gallery, self._playable(videos[0]) if videos else None, table, videos, status
 
-    @staticmethod
-    def _playable(video: str) -> str | None:
-        """The clip for the page's video player; None for a frame folder (nothing to play)."""
-        return video if Path(video).is_file() else None
+    def _playable(self, video: str) -> str | None:
+        """The clip for the page's video player, as a link (or, across file systems, a copy) inside the
+        temp folder; None for a frame folder (nothing to play).
+
+        Only the temp folder is ever handed to gradio's file route: allowing the videos' folders instead
+        would serve every file under them (any file, dotfiles, whole subtrees) to whoever reaches the
+        port, not only the indexed clips.
+        """
+        path = Path(video)
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:24]
+        out = self.temp_dir / "clips" / f"{key}{path.suffix.lower()}"
+        with self._strip_lock:
+            if not out.is_file():
+                out.parent.mkdir(exist_ok=True)
+                part = out.with_name(f".{out.name}.part")
+                part.unlink(missing_ok=True)
+                try:
+                    os.link(path, part)
+                except OSError:  # another file system (or no hard links): copy
+                    shutil.copyfile(path, part)
+                part.replace(out)
+        return str(out)
 
     # ---- page actions -----------------------------------------------------------------------------
 
