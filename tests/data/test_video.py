@@ -401,3 +401,33 @@ def test_unwanted_non_reference_frames_are_dropped_and_frames_stay_identical(
     assert num_decoded < num_frames - 10  # about 3 in 4 of the unwanted frames were never decoded
     resized, _ = _decode_video(path, indices, None, 32)
     assert torch.equal(resized, decode_frames(path, short_side=32)[indices])
+
+
+def _hvcc(num_temporal_layers: int) -> bytes:
+    """The first 23 bytes of an hvcC record (version 1) declaring ``num_temporal_layers``."""
+    record = bytearray(23)
+    record[0] = 1
+    record[21] = (num_temporal_layers & 0b111) << 3 | 0b11  # constantFrameRate 0, lengthSizeMinusOne 3
+    return bytes(record)
+
+
+@pytest.mark.parametrize(
+    ("codec", "extradata", "safe"),
+    [
+        ("h264", None, True),
+        ("mpeg4", b"", True),
+        ("hevc", _hvcc(1), True),
+        ("hevc", _hvcc(2), False),  # temporal sub-layers: a TRAIL_N may be referenced by a higher layer
+        ("hevc", _hvcc(0), False),  # unknown
+        ("hevc", b"\x00\x00\x00\x01" + bytes(30), False),  # Annex B parameter sets, not hvcC
+        ("hevc", None, False),
+        ("vp9", None, False),
+        ("av1", None, False),
+    ],
+)
+def test_frames_are_skipped_only_where_no_other_frame_can_need_them(
+    codec: str, extradata: bytes | None, safe: bool
+) -> None:
+    from mama.data.video import nonref_skip_is_safe
+
+    assert nonref_skip_is_safe(codec, extradata) is safe

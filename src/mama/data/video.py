@@ -36,6 +36,7 @@ __all__ = [
     "count_frames",
     "decode_frames",
     "frame_timestamps",
+    "nonref_skip_is_safe",
     "probe_video",
     "write_video",
 ]
@@ -350,6 +351,26 @@ class _SeekMismatch(Exception):
     """The decoder's frames did not line up with the packet index; decode sequentially instead."""
 
 
+# Codecs whose "non-reference" frames (what skip_frame = NONREF drops) are never referenced: H.264
+# (nal_ref_idc = 0) and the MPEG video codecs (B-pictures).
+_NONREF_SAFE_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
+
+
+def nonref_skip_is_safe(codec_name: str, extradata: bytes | None) -> bool:
+    """Whether dropping the frames FFmpeg calls non-reference can never change another frame.
+
+    For HEVC, FFmpeg drops *sub-layer* non-reference pictures (TRAIL_N, RASL_N, ...), which pictures of
+    a higher temporal sub-layer may still reference (H.265 7.4.2.2): only a stream with one temporal
+    layer, as its ``hvcC`` record declares (numTemporalLayers = 1; 0 means unknown), is safe. Other
+    codecs (VP9, AV1, ...) are never skipped.
+    """
+    if codec_name in _NONREF_SAFE_CODECS:
+        return True
+    if codec_name == "hevc" and extradata and len(extradata) >= 23 and extradata[0] == 1:  # hvcC, version 1
+        return (extradata[21] >> 3) & 0b111 == 1
+    return False
+
+
 def _decode_with_seeks(
     path: Path,
     index: _PacketIndex,
@@ -360,8 +381,8 @@ def _decode_with_seeks(
     """Decode the frames ``targets`` (sorted, unique, in range) using seeks; returns them and the count
     of frames the decoder output.
 
-    Between seeks, a packet whose frame is not wanted is decoded with ``skip_frame = NONREF``: if no
-    other frame references it (the non-reference B-frames, about half the frames of a camera clip
+    Between seeks, a packet whose frame is not wanted is decoded with ``skip_frame = NONREF`` (where
+    :func:`nonref_skip_is_safe`): if no other frame references it (the non-reference B-frames, about half the frames of a camera clip
     with 3 B-frames), the decoder drops it without decoding, which cannot change any other frame.
     FFmpeg's frame threads copy ``skip_frame`` from the caller's context with each packet, so it
     applies per packet. On the 1080p/4K camera clips of benchmarks/decode.py --camera this cut
@@ -373,6 +394,7 @@ def _decode_with_seeks(
     container, stream = open_video(path)
     stream.thread_type = "AUTO"
     codec_context = stream.codec_context
+    may_skip = nonref_skip_is_safe(codec_context.name, codec_context.extradata)
     tag_rotation = _tag_rotation(stream)
     reformatter = VideoReformatter()
     try:
@@ -389,7 +411,7 @@ def _decode_with_seeks(
                 # The flush packet at the end (no pts) and any packet off the index are decoded normally.
                 packet_idx = index_of.get(packet.pts) if packet.pts is not None else None
                 skip: Literal["NONREF", "DEFAULT"] = (
-                    "NONREF" if packet_idx is not None and packet_idx not in wanted else "DEFAULT"
+                    "NONREF" if may_skip and packet_idx is not None and packet_idx not in wanted else "DEFAULT"
                 )
                 if codec_context.skip_frame != skip:
                     codec_context.skip_frame = skip
