@@ -588,6 +588,10 @@ def _finish_index(
     # index.json that could vouch for a mix of old and new files.
     (out / INDEX_FILE).unlink(missing_ok=True)
     info = write(out)
+    for path in out.iterdir():  # on disk before the parts that could rebuild them are deleted
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(out)
     shutil.rmtree(out / "parts")
     return info
 
