@@ -79,7 +79,9 @@ class DataConfig:
     urls: str = resumable("")
     manifest: str = resumable("")  # the shards' manifest.json (path or URL); "" = next to the first shard
     split_format: str = ""  # reader of data.meta/val/test with format "webdataset"; "" = the shards' source format
-    shuffle_buffer: int = 256  # samples (their video bytes held in memory) of the per-rank shuffle; 0 = none
+    # samples of the per-rank shuffle; 0 = none. A data-loading process holds the video bytes of at most
+    # shuffle_buffer + batch_size / world_size samples (mama.data.shards.ShardFrames).
+    shuffle_buffer: int = 256
     shuffle_shards: bool = True  # a seeded shard order per epoch (False: manifest order)
 
 

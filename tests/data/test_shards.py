@@ -195,3 +195,55 @@ def test_shard_frames_fetches_out_of_order_and_reports_damage(tiny_synthvl: Path
     fresh = ShardFrames(locations, 8, 16)
     _, failed = fresh.clips(torch.tensor([0, 1, 2]), torch.zeros(3, 2, dtype=torch.long))
     assert [row for row, _ in failed] == [1] and f"{locations[1][2]}.mp4" in failed[0][1]
+
+
+@pytest.mark.parametrize(("world", "workers", "start"), [(1, 1, 0), (2, 3, 0), (1, 2, 5)])
+def test_shard_frames_read_each_member_once_per_epoch_holding_at_most_buffer_plus_batch(
+    monkeypatch: pytest.MonkeyPatch, world: int, workers: int, start: int
+) -> None:
+    """Over two epochs of shuffled uneven shards with a shuffle buffer, every process (the loop's, or
+    each of ``workers`` data workers building every W-th step, from step ``start`` as a resumed run does)
+    reads each tar member at most once per epoch and holds at most shuffle_buffer + local batch samples
+    (the buffer's output i comes from inputs up to i + buffer - 1). It gets the samples it asked for, and
+    a substitute request (any video) is served right without disturbing the epoch's read."""
+    counts, batch, buffer = [37, 12, 50, 25, 41, 9, 30], 16, 40  # 204 samples: 12 steps of 16
+    start_of = [sum(counts[:i]) for i in range(len(counts))]
+    locations = [(f"fake://shard-{s}", i, f"{s}-{i}") for s, c in enumerate(counts) for i in range(c)]
+    plan = ShardPlan([list(range(a, a + c)) for a, c in zip(start_of, counts, strict=True)], batch, world, seed=1,
+                     shuffle_buffer=buffer)  # fmt: skip
+    reads: dict[tuple[int, int, str], int] = {}  # (process, epoch, member key) -> times read
+    now = {"process": 0, "epoch": 0}
+    served: list[str] = []
+
+    def fake_tar(url: str):  # type: ignore[no-untyped-def]
+        shard = int(url.rsplit("-", 1)[1])
+        for i in range(counts[shard]):
+            where = (now["process"], now["epoch"], f"{shard}-{i}")
+            reads[where] = reads.get(where, 0) + 1
+            yield shards.ShardSample(f"{shard}-{i}", b"", {}, url)
+
+    def fake_decode(sample, num_slots, slots, frame_size, num_frames=None):  # type: ignore[no-untyped-def]
+        served.append(sample.key)
+        return torch.zeros(len(slots), frame_size, frame_size, 3, dtype=torch.uint8), 8
+
+    monkeypatch.setattr(shards, "iter_tar_samples", fake_tar)
+    monkeypatch.setattr(shards, "decode_sample_clip", fake_decode)
+    monkeypatch.setattr(shards, "_worker_stride", lambda: workers)
+    local, steps = batch // world, plan.steps_per_epoch
+    for rank in range(world):
+        processes = [ShardFrames(locations, 8, 2, plan=plan) for _ in range(workers)]
+        for step in range(start, 2 * steps):
+            worker = (step - start) % workers
+            now["process"], (now["epoch"], position) = worker + workers * rank, divmod(step, steps)
+            order = plan(now["epoch"])
+            videos = order[position * batch + rank * local : position * batch + (rank + 1) * local]
+            served.clear()
+            _, failed = processes[worker].clips(videos, torch.zeros(local, 2, dtype=torch.long))
+            assert not failed and served == [locations[v][2] for v in videos.tolist()]
+            if step == start + 2 * workers:  # a substitute: read from its shard, nothing else held or moved
+                now["process"] = -1
+                before = processes[worker].members_read
+                assert processes[worker].fetch(7).key == locations[7][2]
+                assert processes[worker].members_read - before <= counts[0]
+        assert all(p.held_peak <= buffer + local for p in processes), [p.held_peak for p in processes]
+    assert max(n for (process, _, _), n in reads.items() if process >= 0) == 1

@@ -22,13 +22,15 @@ The order of an epoch is computed from the manifest alone (no bytes read), see :
 3. each rank's range passes through a seeded shuffle buffer of ``data.shuffle_buffer`` samples
    (simulated on sample indices, so the permutation is known before any byte is read).
 
-:class:`ShardFrames` then fetches the bytes of the samples a batch asks for by streaming the shard
-that holds them forward, keeping recently passed samples (the shuffle buffer's reach) in memory.
+:class:`ShardFrames` then fetches the bytes of the samples a batch asks for by reading the rank's
+range of shards forward, each shard once per epoch and process, holding only the samples a later step
+of this process will ask for: at most ``data.shuffle_buffer`` + the local batch samples at a time.
 Resuming at step k, or a data-loading worker that builds every W-th step, reads tar members up to the
-wanted ones without decoding their videos. Decoding and frame sampling are the folder path's
-(:func:`mama.data.clips.decode_clip` on the same frame indices), so a video gives the same frames
-from a shard as from its file. A sample whose bytes fail to decode (or whose members are missing or
-corrupt) is skipped and replaced like a broken file in the folder path, with a warning, and counted.
+wanted ones without decoding their videos (W workers each read the rank's range once per epoch).
+Decoding and frame sampling are the folder path's (:func:`mama.data.clips.decode_clip` on the same
+frame indices), so a video gives the same frames from a shard as from its file. A sample whose bytes
+fail to decode (or whose members are missing or corrupt) is skipped and replaced like a broken file in
+the folder path, with a warning, and counted.
 """
 
 from __future__ import annotations
@@ -37,16 +39,16 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import tempfile
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from torch import Tensor
@@ -84,8 +86,6 @@ _PROGRESS_NAME = ".shard_progress.json"  # finished shards of an interrupted run
 MANIFEST_VERSION = 1
 # The video member's extensions a reader accepts (video2dataset writes mp4; others keep their container).
 _VIDEO_EXTS = tuple(e.lstrip(".") for e in VIDEO_EXTENSIONS)
-# Open shard streams a reader keeps: a shuffle buffer reaching across a shard boundary needs two.
-_MAX_OPEN_SHARDS = 4
 
 
 class ShardError(ValueError):
@@ -524,6 +524,7 @@ class ShardPlan:
     shuffle_shards: bool = True
     shuffle_buffer: int = 0
     _cached: tuple[int, Tensor] | None = field(default=None, repr=False)
+    _position: Tensor | None = field(default=None, repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -533,15 +534,21 @@ class ShardPlan:
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.batch_size
 
-    def rank_order(self, epoch: int, rank: int) -> list[int]:
-        """Clip-set indices rank ``rank`` reads in ``epoch``, in order (steps_per_epoch x B / world)."""
+    def rank_range(self, epoch: int, rank: int) -> list[int]:
+        """Clip-set indices of rank ``rank``'s range of ``epoch`` in stream order (shard order, member
+        order), before the shuffle buffer (steps 1-2)."""
         shards = list(range(len(self.shard_videos)))
         if self.shuffle_shards:
             shards = torch.randperm(len(shards), generator=seeded_generator(self.seed, 5, epoch)).tolist()
         sequence = [v for s in shards for v in self.shard_videos[s]]
         per_rank = self.steps_per_epoch * (self.batch_size // self.world_size)
-        return _shuffle_buffer(sequence[rank * per_rank : (rank + 1) * per_rank], self.shuffle_buffer,
-                               seeded_generator(self.seed, 6, epoch, rank))  # fmt: skip
+        return sequence[rank * per_rank : (rank + 1) * per_rank]
+
+    def rank_order(self, epoch: int, rank: int) -> list[int]:
+        """Clip-set indices rank ``rank`` reads in ``epoch``, in order (steps_per_epoch x B / world)."""
+        return _shuffle_buffer(
+            self.rank_range(epoch, rank), self.shuffle_buffer, seeded_generator(self.seed, 6, epoch, rank)
+        )
 
     def __call__(self, epoch: int) -> Tensor:
         """(steps_per_epoch * B,) clip indices: global batch p is rows ``p*B:(p+1)*B``, and its rank-r
@@ -550,7 +557,26 @@ class ShardPlan:
             local = self.batch_size // self.world_size
             ranks = [torch.tensor(self.rank_order(epoch, r)).view(-1, local) for r in range(self.world_size)]
             self._cached = (epoch, torch.stack(ranks, 1).reshape(-1))  # (steps, world, local) -> (steps*B,)
+            self._position = None
         return self._cached[1]
+
+    def locate(self, videos: Sequence[int]) -> tuple[int, int, int] | None:
+        """``(epoch, rank, step)`` when ``videos`` are, in order, rank ``rank``'s local batch of ``step``
+        (counted within the epoch) in the epoch last ordered by a call; else None."""
+        if self._cached is None or not videos:
+            return None
+        epoch, order = self._cached
+        if self._position is None:  # clip index -> its position in the epoch's order, -1 when not in it
+            self._position = torch.full((self.num_samples,), -1, dtype=torch.long)
+            self._position[order] = torch.arange(len(order))
+        first = int(self._position[videos[0]]) if 0 <= videos[0] < self.num_samples else -1
+        local = self.batch_size // self.world_size
+        if first < 0 or first % local or len(videos) != local:
+            return None
+        if order[first : first + local].tolist() != list(videos):
+            return None
+        step, row = divmod(first, self.batch_size)
+        return epoch, row // local, step
 
 
 def _shuffle_buffer(items: list[int], size: int, generator: torch.Generator) -> list[int]:
@@ -572,35 +598,102 @@ def _shuffle_buffer(items: list[int], size: int, generator: torch.Generator) -> 
     return out
 
 
+def _worker_stride() -> int:
+    """Steps between two batches this process builds: :func:`mama.data.clips.map_in_workers` hands a
+    DataLoader's W workers the steps in turn, so a worker builds every W-th step; the loop's process
+    every step. Only a guess of what to hold: :class:`ShardFrames` stays correct when it is wrong."""
+    info = torch.utils.data.get_worker_info()
+    return info.num_workers if info is not None else 1
+
+
+@dataclass
+class _Pass:
+    """One forward read of a rank's range in an epoch, for the requests of one process.
+
+    ``inputs`` is the range in stream order (shard order, member order); the process asks at local steps
+    ``phase, phase + stride, ...`` (from ``step`` on) for the rows of ``step_of``. While reading, a sample
+    is held only when one of those later requests wants it, and dropped when served.
+    """
+
+    epoch: int
+    rank: int
+    inputs: list[int]
+    input_of: dict[int, int]
+    step_of: dict[int, int]
+    stride: int
+    phase: int
+    step: int
+    next_input: int = 0
+    held: dict[int, ShardSample | str] = field(default_factory=dict)  # video -> sample, or why it is unreadable
+    reader: Iterator[ShardSample] | None = None
+    reader_url: str = ""
+    reader_at: int = 0  # members the reader has yielded
+    reader_error: str | None = None  # the shard's stream broke: every later member fails with this
+
+    def wanted(self, video: int) -> bool:
+        step = self.step_of[video]
+        return step >= self.step and (step - self.phase) % self.stride == 0
+
+    def close(self) -> None:
+        if self.reader is not None:
+            _close_reader(self.reader)
+            self.reader = None
+
+
 class ShardFrames:
     """A frame source (like :class:`mama.data.clips.StreamedFrames`) over shard samples.
 
-    Every clip-set video is ``(shard url, member position, key)``. A request streams the video's shard
-    forward from the current position of an open reader (or reopens it when the sample lies behind),
-    keeping the samples it passes in a bounded first-in-first-out store so that a later request (the
-    shuffle buffer's reach, another worker's steps) finds them without reading again.
+    Every clip-set video is ``(shard url, member position, key)``. With a ``plan`` (the epoch order of
+    training), a request for a rank's local batch of a step reads the rank's range of shards forward,
+    each shard once per epoch, and holds exactly the samples this process will ask for later (the steps
+    it builds: every one, or every W-th in a data-loading worker of W), dropping each once served. The
+    shuffle buffer's output at position i comes from input positions up to i + shuffle_buffer - 1, so
+    at most ``shuffle_buffer + local batch`` samples are held at any time (``held_peak``), whatever the
+    steps asked. A request the plan does not predict (a substitute for a failed sample, a resumed
+    or re-ordered step, no plan) is still served right: from what is held, or by reading the shards
+    that hold it from their start (one read per shard per request; the forward read restarts when a
+    planned sample was passed without being held).
     """
 
-    def __init__(self, locations: list[tuple[str, int, str]], num_slots: int, frame_size: int, keep: int = 64) -> None:
-        self.locations, self.num_slots, self.frame_size, self.keep = locations, num_slots, frame_size, keep
+    def __init__(
+        self, locations: list[tuple[str, int, str]], num_slots: int, frame_size: int, plan: ShardPlan | None = None
+    ) -> None:
+        self.locations, self.num_slots, self.frame_size, self.plan = locations, num_slots, frame_size, plan
         self.lengths: dict[int, int] = {}  # probed frame counts
-        self._readers: OrderedDict[str, tuple[Iterator[ShardSample], int]] = OrderedDict()
-        self._held: OrderedDict[tuple[str, int], ShardSample] = OrderedDict()
-        self.members_read = 0  # tar samples read from streams (tests check that resume skips, not decodes)
+        self._pass: _Pass | None = None
+        self._stride: int | None = None  # this process's steps between batches; known in the process itself
+        # What reading cost (tests and benchmarks check them): tar samples read, shard streams opened, most
+        # samples held at once.
+        self.members_read = self.shards_opened = self.held_peak = 0
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Open streams stay in the process that opened them; a worker opens its own.
+        # Open streams, held bytes and the counts of reading stay in the process that read; a worker reads
+        # on its own.
         state = dict(self.__dict__)
-        state["_readers"], state["_held"] = OrderedDict(), OrderedDict()
+        state["_pass"], state["_stride"] = None, None
+        state["members_read"] = state["shards_opened"] = state["held_peak"] = 0
         return state
+
+    def _this_process(self) -> None:
+        # A forked data-loading worker inherits the parent's streams, whose file offsets (or pipe) it would
+        # share: it starts its own reading instead.
+        if self._pid != os.getpid():
+            self._pid, self._pass, self._stride = os.getpid(), None, None
+            self.members_read = self.shards_opened = self.held_peak = 0
 
     def clips(self, video_index: Tensor, slot_index: Tensor) -> tuple[Tensor, list[tuple[int, str]]]:
         """video_index (B,), slot_index (B, T) -> uint8 (B, T, S, S, 3) and the failed ``(row, error)``s."""
         out = torch.zeros(*slot_index.shape, self.frame_size, self.frame_size, 3, dtype=torch.uint8)
+        videos = video_index.tolist()
+        self._this_process()
+        samples = self._planned(videos) or self._read(videos)
         failed = []
-        for row, (video, slots) in enumerate(zip(video_index.tolist(), slot_index, strict=True)):
+        for row, (video, slots) in enumerate(zip(videos, slot_index, strict=True)):
             try:
-                sample = self.fetch(video)
+                sample = samples[video]
+                if isinstance(sample, str):
+                    raise VideoDecodeError(sample)
                 out[row], self.lengths[video] = decode_sample_clip(
                     sample, self.num_slots, slots, self.frame_size, self.lengths.get(video)
                 )
@@ -609,39 +702,154 @@ class ShardFrames:
         return out, failed
 
     def fetch(self, video: int) -> ShardSample:
-        """The sample of clip-set video ``video`` (a damaged one carries its ``error``)."""
-        url, position, key = self.locations[video]
-        held = self._held.pop((url, position), None)
-        if held is not None:
-            return held
-        samples, at = self._readers.pop(url, (None, 0))
-        if samples is None or at > position:
-            samples, at = iter_tar_samples(url), 0
-        while at <= position:
-            try:
-                sample = next(samples)
-            except StopIteration:
-                raise VideoDecodeError(f"{url}: shard ended before sample {key} (member {position})") from None
-            except ShardError as exc:
-                raise VideoDecodeError(str(exc)) from None
-            at += 1
-            self.members_read += 1
-            if at <= position:
-                self._hold((url, at - 1), sample)
-        self._readers[url] = (samples, at)
-        while len(self._readers) > _MAX_OPEN_SHARDS:
-            self._readers.popitem(last=False)
-        if sample.key != key:
-            raise VideoDecodeError(f"{url}: member {position} is sample {sample.key}, the manifest says {key}")
+        """The sample of clip-set video ``video`` (a damaged one carries its ``error``).
+
+        Raises:
+            VideoDecodeError: its shard cannot be read up to it, or holds another sample there.
+        """
+        self._this_process()
+        sample = self._read([video])[video]
+        if isinstance(sample, str):
+            raise VideoDecodeError(sample)
         return sample
 
-    def _hold(self, where: tuple[str, int], sample: ShardSample) -> None:
-        self._held[where] = sample
-        while len(self._held) > self.keep:
-            self._held.popitem(last=False)
-
     def select(self, rows: Tensor) -> ShardFrames:
-        return ShardFrames([self.locations[i] for i in rows.tolist()], self.num_slots, self.frame_size, self.keep)
+        picked = rows.tolist()
+        frames = ShardFrames([self.locations[i] for i in picked], self.num_slots, self.frame_size, self.plan)
+        frames.lengths = {new: self.lengths[old] for new, old in enumerate(picked) if old in self.lengths}
+        return frames
+
+    # --- planned requests: one forward read per epoch ---
+
+    def _planned(self, videos: list[int]) -> dict[int, ShardSample | str] | None:
+        """The samples of ``videos`` when they are a rank's local batch of a step of the plan, else None."""
+        where = self.plan.locate(videos) if self.plan is not None else None
+        if where is None:
+            return None
+        epoch, rank, step = where
+        if self._stride is None:
+            self._stride = _worker_stride()
+        run = self._pass
+        if run is not None and (run.epoch, run.rank) == (epoch, rank) and step > run.step:
+            if (step - run.phase) % run.stride:  # steps come at another stride than guessed: hold for both
+                run.stride = self._stride = math.gcd(run.stride, step - run.step)
+            run.step = step
+            for video in [v for v in run.held if run.step_of[v] < step]:  # asked by steps that were skipped
+                del run.held[video]
+            if any(v not in run.held and run.input_of[v] < run.next_input for v in videos):
+                run = self._start_pass(epoch, rank, step)  # passed without being held: read again from the start
+        else:
+            run = self._start_pass(epoch, rank, step)
+        self._read_forward(run, max(run.input_of[v] for v in videos))
+        return {v: run.held.pop(v) for v in videos}
+
+    def _start_pass(self, epoch: int, rank: int, step: int) -> _Pass:
+        assert self.plan is not None and self._stride is not None
+        if self._pass is not None:
+            self._pass.close()
+        inputs = self.plan.rank_range(epoch, rank)
+        local = self.plan.batch_size // self.plan.world_size
+        world = self.plan.world_size
+        order = self.plan(epoch).view(-1, world, local)[:, rank].reshape(-1).tolist()  # rank_order, cached
+        self._pass = _Pass(
+            epoch, rank, inputs, {v: i for i, v in enumerate(inputs)}, {v: i // local for i, v in enumerate(order)},
+            self._stride, step % self._stride, step,
+        )  # fmt: skip
+        return self._pass
+
+    def _read_forward(self, run: _Pass, last: int) -> None:
+        """Read ``run``'s inputs up to position ``last``, holding the wanted ones."""
+        while run.next_input <= last:
+            video = run.inputs[run.next_input]
+            url, position, _ = self.locations[video]
+            if run.reader is None or run.reader_url != url or run.reader_at > position:
+                run.close()
+                run.reader, run.reader_url, run.reader_at, run.reader_error = self._open(url), url, 0, None
+            sample = self._advance(run, video)
+            if run.wanted(video):
+                run.held[video] = sample
+                self.held_peak = max(self.held_peak, len(run.held))
+            run.next_input += 1
+        if run.next_input == len(run.inputs):
+            run.close()
+
+    def _advance(self, run: _Pass, video: int) -> ShardSample | str:
+        """Move ``run``'s reader to ``video``'s member: its sample, or why it cannot be read."""
+        assert run.reader is not None
+        url, position, key = self.locations[video]
+        if run.reader_error is not None:
+            return run.reader_error
+        sample = None
+        try:
+            while run.reader_at <= position:
+                sample = next(run.reader)
+                run.reader_at += 1
+                self.members_read += 1
+        except StopIteration:
+            run.reader_error = f"{url}: shard ended before sample {key} (member {position})"
+            return run.reader_error
+        except ShardError as exc:
+            run.reader_error = str(exc)
+            return run.reader_error
+        assert sample is not None
+        return _checked(sample, url, position, key)
+
+    # --- other requests ---
+
+    def _read(self, videos: list[int]) -> dict[int, ShardSample | str]:
+        """Samples of ``videos`` from what the forward read holds, else by reading their shards from the
+        start (each once, up to the last one wanted); nothing read here is held."""
+        run = self._pass
+        found: dict[int, ShardSample | str] = {}
+        wanted: dict[str, dict[int, list[int]]] = {}  # url -> member position -> videos
+        for video in videos:
+            if run is not None and video in run.held:
+                found[video] = run.held[video]  # a later planned request still takes it
+            else:
+                url, position, _ = self.locations[video]
+                wanted.setdefault(url, {}).setdefault(position, []).append(video)
+        for url, positions in wanted.items():
+            samples = self._open(url)
+            at, error = 0, None
+            try:
+                for position in sorted(positions):
+                    key = self.locations[positions[position][0]][2]
+                    result: ShardSample | str
+                    if error is None:
+                        try:
+                            while at <= position:
+                                sample = next(samples)
+                                at += 1
+                                self.members_read += 1
+                            result = _checked(sample, url, position, key)
+                        except StopIteration:
+                            error = result = f"{url}: shard ended before sample {key} (member {position})"
+                        except ShardError as exc:
+                            error = result = str(exc)
+                    else:
+                        result = error
+                    for video in positions[position]:
+                        found[video] = result
+            finally:
+                _close_reader(samples)
+        return found
+
+    def _open(self, url: str) -> Iterator[ShardSample]:
+        self.shards_opened += 1
+        return iter_tar_samples(url)
+
+
+def _close_reader(samples: Iterator[ShardSample]) -> None:
+    close = getattr(samples, "close", None)  # a generator of iter_tar_samples: closes its stream
+    if close is not None:
+        close()
+
+
+def _checked(sample: ShardSample, url: str, position: int, key: str) -> ShardSample | str:
+    """``sample`` when it is the manifest's sample ``key`` at member ``position``, else why not."""
+    if sample.key != key:
+        return f"{url}: member {position} is sample {sample.key}, the manifest says {key}"
+    return sample
 
 
 def _read_index(location: str) -> list[dict[str, Any]]:
@@ -715,8 +923,7 @@ def load_shard_clipset(
         shard = record.video.parent.name
         locations.append((url_of[shard], positions.get(shard, 0), record.video.name))
         positions[shard] = positions.get(shard, 0) + 1
-    keep = max(64, 2 * int(plan_args.get("shuffle_buffer", 0)) + 4 * int(plan_args["batch_size"]))
-    source = ShardFrames(locations, num_slots, frame_size, keep=keep)
+    source = ShardFrames(locations, num_slots, frame_size)
     source.lengths = {i: r.meta[FRAMES_KEY] for i, r in enumerate(records) if r.meta.get(FRAMES_KEY)}
     clips = build_clipset("train", records, source, tokenize, caption_sources, [], pixel_mean, pixel_std)
     # Videos with no caption of the chosen sources left the set: plan over the kept ones.
@@ -729,4 +936,5 @@ def load_shard_clipset(
     if plan.steps_per_epoch == 0:
         raise ShardError(f"batch size {plan.batch_size} exceeds the {plan.num_samples} samples of the shards")
     clips.epoch_order = plan
+    cast(ShardFrames, clips.source).plan = plan  # reads each epoch's shards in the order the plan asks
     return clips
