@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mama.training.loggers import read_log
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RunView", "find_runs", "read_log", "view_run"]
+__all__ = ["RunView", "find_runs", "view_run"]
 
 # Runs are found this many folders below the runs root at most (runs/<group>/<variant>/<seed> is 3);
 # a deeper search of a big runs folder would stall the page.
@@ -64,21 +66,6 @@ def find_runs(root: Path) -> list[str]:
                 continue
         frontier = below
     return sorted(found)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL log; a line cut short by a crash (or being written now) is skipped."""
-    records: list[dict[str, Any]] = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 def _figure(title: str) -> tuple[Figure, Any]:

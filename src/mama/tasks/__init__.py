@@ -7,7 +7,6 @@ run = load_run("runs/x")               # a trained run: config, task, module wit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mama.config import Config, Split, from_dict
 from mama.tasks.qa import VideoQA
 from mama.tasks.retrieval import Retrieval
 from mama.tasks.retrieval.data import SPLITS
+from mama.training.loggers import read_log
 from mama.training.trainer import TrainResult, run
 from mama.weighting import MetaWeighting
 
@@ -109,16 +109,7 @@ def weight_curve(run_dir: str | Path, late_batches: int = 10, points: int = 200)
     meta = load_run(run_dir).meta
     if meta is None:
         return None
-    records: list[dict[str, Any]] = []
-    log = run_dir / "weights.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+    records = read_log(run_dir / "weights.jsonl")
     by_noise: dict[str, list[float]] = {}
     for record in records[-late_batches:]:
         for noise, loss in zip(record.get("noise", []), record.get("loss", []), strict=False):

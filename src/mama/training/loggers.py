@@ -35,7 +35,24 @@ __all__ = [
     "Loggers",
     "TensorBoardLogger",
     "build_loggers",
+    "read_log",
 ]
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's JSONL log (``log.jsonl``, ``weights.jsonl``), oldest first; [] when there is
+    none. A line cut short by a crash, or being written now, is skipped."""
+    records: list[dict[str, Any]] = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 @runtime_checkable
