@@ -19,7 +19,10 @@ import argparse
 import dataclasses
 import json
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -162,6 +165,18 @@ def make_camera_set(
                 path.with_suffix(".json").write_text(json.dumps({"recipe": recipe, "clip": described}))
             clips.append(clip)
     return clips
+
+
+@contextmanager
+def camera_clips(keep: Path | None, sizes: str, codecs: str, seconds: float) -> Iterator[list[CameraClip]]:
+    """The benchmarks' clips (:func:`make_camera_set` of comma-separated ``sizes`` and ``codecs``) in
+    ``keep``, where they stay for the next run, or in a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = keep or Path(tmp)
+        start = time.perf_counter()
+        clips = make_camera_set(out_dir, sizes.split(","), codecs.split(","), seconds)
+        print(f"{len(clips)} camera-like clips ready in {time.perf_counter() - start:.0f} s in {out_dir}")
+        yield clips
 
 
 def main(argv: list[str] | None = None) -> None:

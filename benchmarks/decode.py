@@ -137,7 +137,7 @@ def camera_benchmark(args: argparse.Namespace) -> None:
     import statistics
     from functools import partial
 
-    from camera_videos import make_camera_set  # next to this script
+    from camera_videos import camera_clips  # next to this script
     from mama.data.video import probe_video
 
     try:
@@ -148,13 +148,7 @@ def camera_benchmark(args: argparse.Namespace) -> None:
         with_decord = False
         print("decord is not installed: skipping the decord rows (pip install -e '.[bench]')")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = args.keep or Path(tmp)
-        start = time.perf_counter()
-        clips = make_camera_set(
-            out_dir, args.camera_sizes.split(","), args.camera_codecs.split(","), args.camera_seconds
-        )
-        print(f"{len(clips)} camera-like clips ready in {time.perf_counter() - start:.0f} s in {out_dir}")
+    with camera_clips(args.keep, args.camera_sizes, args.camera_codecs, args.camera_seconds) as clips:
         print(
             f"medians of {args.repeats} interleaved rounds (wall s, CPU s = user + sys of all threads); "
             f"frames at short side {SHORT_SIDE}; ratios of wall time against the full decode"

@@ -352,19 +352,14 @@ def camera_benchmark(args: argparse.Namespace) -> None:
     """The ``--camera`` mode (module doc)."""
     import statistics
 
-    from camera_videos import make_camera_set
+    from camera_videos import camera_clips
     from mama.augment.keyframes import extract_keyframes
 
     with_cv2 = cv2_available()
     if not with_cv2:
         print("OpenCV (cv2) is not installed: skipping the cv2 rows (pip install -e '.[bench]')")
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = args.keep or Path(tmp)
-        start = time.perf_counter()
-        clips = make_camera_set(
-            out_dir, args.camera_sizes.split(","), args.camera_codecs.split(","), args.camera_seconds
-        )
-        print(f"{len(clips)} camera-like clips ready in {time.perf_counter() - start:.0f} s in {out_dir}")
+    clip_set = camera_clips(args.keep, args.camera_sizes, args.camera_codecs, args.camera_seconds)
+    with clip_set as clips, tempfile.TemporaryDirectory() as tmp:  # tmp: the cv2 detector's JPEG files
         print(
             f"medians of {args.repeats} interleaved rounds (wall s, CPU s = user + sys of all threads); "
             "ratios of wall time against the decode floor of the same clip"
